@@ -1,0 +1,37 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+LOCK   := requirements.lock
+
+.PHONY: run test lint typecheck install lock clean-data
+
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the API, workers and the embedded stack (PostgreSQL, Redis, Qdrant) in one process.
+run: install
+	$(BIN)/tenantrag dev
+
+## Lint, type-check and run the whole suite (real PostgreSQL/Redis: from the env or embedded).
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy
+
+## Re-pin every dependency after changing pyproject.toml.
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e ' > $(LOCK)
+
+clean-data:
+	rm -rf .data

@@ -1,0 +1,1 @@
+"""Tenant-isolated RAG assistant backend: API, service core and CLI."""

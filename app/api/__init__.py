@@ -1,0 +1,1 @@
+"""HTTP layer: app factory, auth middleware, error mapping, controllers."""

@@ -1,0 +1,119 @@
+"""The Litestar app factory: routes, dependencies, errors, and the clients' lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from datetime import timedelta
+
+import redis.asyncio as aioredis
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from app.api.auth import PUBLIC_PATHS, ApiKeyMiddleware
+from app.api.problems import EXCEPTION_HANDLERS
+from app.auth.authenticator import ApiKeyAuthenticator
+from app.db.engine import Database, make_engine
+from app.domain.keys.controllers import PlatformKeysController, TenantKeysController
+from app.domain.keys.service import ApiKeyService
+from app.domain.system.controllers import healthz, readyz
+from app.domain.tenant_self.controllers import list_models, whoami
+from app.domain.tenants.controllers import TenantAdminController
+from app.domain.tenants.service import TenantService
+from app.settings import Settings
+from retrieval.vectorstore import VectorStoreConfig, open_vector_store
+
+Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
+
+
+def vector_store_config(settings: Settings) -> VectorStoreConfig:
+    """Server mode when QDRANT_URL is set, else embedded shards under the data folder."""
+    q = settings.qdrant
+    if q.url:
+        key = q.api_key.get_secret_value() if q.api_key else None
+        return VectorStoreConfig(backend="server", url=q.url, api_key=key,
+                                 dense_dim=q.dense_dim, timeout_s=q.timeout_s)
+    return VectorStoreConfig(backend="embedded", path=settings.vector_path(),
+                             dense_dim=q.dense_dim, timeout_s=q.timeout_s)
+
+
+def make_redis(settings: Settings) -> aioredis.Redis:
+    """A Redis client over a bounded pool that waits (not fails) briefly when full."""
+    r = settings.redis
+    if not r.url:
+        raise ValueError("REDIS_URL is not set")
+    pool = aioredis.BlockingConnectionPool.from_url(
+        r.url, max_connections=r.max_connections, timeout=r.socket_timeout_s,
+        socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def _lifespan(settings: Settings, extras: Sequence[Lifespan]) -> Lifespan:
+    @asynccontextmanager
+    async def clients(app: Litestar) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            db = Database(make_engine(settings.database.application_url(), settings.database))
+            stack.push_async_callback(db.close)
+            redis = make_redis(settings)
+            stack.push_async_callback(redis.aclose)
+            vector_store = open_vector_store(vector_store_config(settings))
+            stack.push_async_callback(vector_store.close)
+            admin_key = settings.auth.platform_admin_key
+            app.state.update(
+                db=db, redis=redis, vector_store=vector_store,
+                authenticator=ApiKeyAuthenticator(
+                    db, settings.auth.key_pepper.get_secret_value(),
+                    admin_key.get_secret_value() if admin_key else None,
+                    timedelta(seconds=settings.auth.last_used_resolution_s),
+                ),
+            )
+            for extra in extras:
+                await stack.enter_async_context(extra(app))
+            yield
+
+    return clients
+
+
+def provide_tenants(state: State) -> TenantService:
+    """The tenant registry service."""
+    return TenantService(state.db)
+
+
+def provide_keys(state: State) -> ApiKeyService:
+    """The API key service."""
+    return ApiKeyService(state.db, state.settings.auth.key_pepper.get_secret_value())
+
+
+def create_app(settings: Settings, *, extra_lifespans: Sequence[Lifespan] = ()) -> Litestar:
+    """Build the API. ``extra_lifespans`` lets the composition root (the CLI) add, for
+    example, in-process worker threads without the request path importing workers."""
+    openapi = OpenAPIConfig(
+        title="tenantrag", version="0.1.0", path="/docs",
+        render_plugins=[SwaggerRenderPlugin()],
+        components=Components(security_schemes={
+            "apiKey": SecurityScheme(type="http", scheme="bearer",
+                                     description="A tenant key (trk_...) or the operator key"),
+        }),
+        security=[{"apiKey": []}],
+    )
+    return Litestar(
+        route_handlers=[healthz, readyz, whoami, list_models, TenantAdminController,
+                        PlatformKeysController, TenantKeysController],
+        dependencies={
+            "tenants": Provide(provide_tenants, sync_to_thread=False),
+            "keys": Provide(provide_keys, sync_to_thread=False),
+        },
+        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[_lifespan(settings, extra_lifespans)],
+        openapi_config=openapi,
+        request_max_body_size=settings.server.max_request_bytes,
+        state=State({"settings": settings}),
+        debug=False,
+    )

@@ -1,0 +1,51 @@
+"""Authorization guards and the helpers controllers use to read the principal."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from app.auth.keys import Scope
+from app.auth.principal import PlatformPrincipal, TenantPrincipal
+from app.errors import AuthenticationError, PermissionDeniedError
+
+Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]
+
+
+def platform_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Only the platform operator's key passes."""
+    if not isinstance(connection.user, PlatformPrincipal):
+        raise PermissionDeniedError("this route needs the platform operator's key")
+
+
+def requires_scope(scope: Scope) -> Guard:
+    """A guard letting through tenant keys that carry ``scope``."""
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        user = connection.user
+        if isinstance(user, PlatformPrincipal):
+            raise PermissionDeniedError(
+                "this route needs a tenant API key; the operator uses /admin/tenants/..."
+            )
+        if not isinstance(user, TenantPrincipal):
+            raise AuthenticationError("an API key is required")
+        if scope not in user.scopes:
+            have = ", ".join(sorted(user.scopes)) or "none"
+            raise PermissionDeniedError(
+                f"this API key lacks the {scope.value!r} scope (it has: {have})",
+                required_scope=scope.value,
+            )
+
+    return guard
+
+
+def tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> uuid.UUID:
+    """The authenticated tenant's id (guards have already ensured there is one)."""
+    user = connection.user
+    if not isinstance(user, TenantPrincipal):
+        raise AuthenticationError("an API key is required")
+    return user.tenant_id

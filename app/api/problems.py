@@ -1,0 +1,78 @@
+"""The one place where errors become HTTP responses (RFC 9457 problem+json)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ExceptionHandlersMap
+
+from app.errors import (
+    AuthenticationError,
+    ConflictError,
+    DomainError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+
+STATUS_BY_ERROR: dict[type[DomainError], int] = {
+    InvalidInputError: 422,
+    NotFoundError: 404,
+    ConflictError: 409,
+    AuthenticationError: 401,
+    PermissionDeniedError: 403,
+    ServiceUnavailableError: 503,
+}
+
+
+def problem(status: int, title: str, detail: str, code: str, **extra: Any) -> Response[Any]:
+    """A problem+json response."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
+            "code": code, **extra}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def status_for(exc: DomainError) -> int:
+    """The HTTP status of a domain error (its nearest mapped base class)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 400
+
+
+def domain_error_handler(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
+    """Map a domain error to its status, keeping its message and machine code."""
+    return problem(status_for(exc), exc.title, exc.detail, exc.code, **exc.extra)
+
+
+def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """Litestar's own errors (validation, 404 route, 405...) in the same shape."""
+    extra: dict[str, Any] = {}
+    if isinstance(exc, ValidationException) and exc.extra:
+        extra["errors"] = exc.extra
+    code = "invalid_request" if exc.status_code < 500 else "server_error"
+    title = "Invalid request" if exc.status_code == 400 else exc.__class__.__name__
+    return problem(exc.status_code, title, str(exc.detail), code, **extra)
+
+
+def unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Never leak a stack trace: log it, answer a plain 500."""
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error",
+                   "An unexpected error occurred; it has been logged.", "internal_error")
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    DomainError: domain_error_handler,
+    HTTPException: http_error_handler,
+    Exception: unexpected_error_handler,
+}

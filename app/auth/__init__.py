@@ -1,0 +1,1 @@
+"""Credentials: API key format, hashing and the authenticated principal."""

@@ -1,0 +1,77 @@
+"""Resolve a presented credential to exactly one principal.
+
+No cache: a revoked key or a suspended tenant is refused on the very next request.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import timedelta
+
+from sqlmodel import col, select, update
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.auth.keys import Scope, hash_key, key_matches, parse_key
+from app.auth.principal import PlatformPrincipal, Principal, TenantPrincipal
+from app.db.engine import Database
+from app.db.models import ApiKey, Tenant, TenantStatus, utcnow
+from app.errors import AuthenticationError, TenantSuspendedError
+
+MALFORMED = "malformed API key: expected 'Authorization: Bearer trk_...'"
+
+
+class ApiKeyAuthenticator:
+    """Checks platform and tenant keys against their stored hashes."""
+
+    def __init__(self, db: Database, pepper: str, platform_key: str | None,
+                 last_used_resolution: timedelta) -> None:
+        self.db = db
+        self.pepper = pepper
+        self._platform_hash = hash_key(platform_key, pepper) if platform_key else None
+        self.last_used_resolution = last_used_resolution
+
+    async def authenticate(self, presented: str) -> Principal:
+        """The principal for a key, or AuthenticationError / TenantSuspendedError."""
+        if self._platform_hash is not None and hmac.compare_digest(
+            hash_key(presented, self.pepper), self._platform_hash
+        ):
+            return PlatformPrincipal()
+        parsed = parse_key(presented)
+        if parsed is None:
+            raise AuthenticationError(MALFORMED)
+        async with self.db.platform() as session:
+            query = (
+                select(ApiKey, Tenant)
+                .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
+                .where(ApiKey.prefix == parsed.prefix)
+            )
+            row = (await session.exec(query)).first()
+            if row is None or not key_matches(parsed.plaintext, row[0].secret_hash, self.pepper):
+                raise AuthenticationError("invalid API key")
+            key, tenant = row
+            self._check_usable(key, tenant)
+            await self._touch(session, key)
+        return TenantPrincipal(
+            tenant_id=tenant.id,
+            tenant_slug=tenant.slug,
+            tier=tenant.tier,
+            key_id=key.id,
+            scopes=frozenset(Scope(s) for s in key.scopes),
+        )
+
+    @staticmethod
+    def _check_usable(key: ApiKey, tenant: Tenant) -> None:
+        if key.revoked_at is not None:
+            raise AuthenticationError("this API key has been revoked")
+        if tenant.status == TenantStatus.suspended:
+            raise TenantSuspendedError(
+                f"tenant {tenant.slug!r} is suspended; contact the platform operator"
+            )
+
+    async def _touch(self, session: AsyncSession, key: ApiKey) -> None:
+        """Record use at most once per resolution window (one write, not one per call)."""
+        now = utcnow()
+        if key.last_used_at is not None and now - key.last_used_at < self.last_used_resolution:
+            return
+        stmt = update(ApiKey).where(col(ApiKey.id) == key.id).values(last_used_at=now)
+        await (await session.connection()).execute(stmt)

@@ -1,0 +1,30 @@
+"""Who is calling: resolved from the credential only, never from the request body."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from app.auth.keys import Scope
+from app.db.models import Tier
+
+
+@dataclass(frozen=True)
+class TenantPrincipal:
+    """A tenant API key's holder: exactly one tenant, a set of scopes."""
+
+    tenant_id: uuid.UUID
+    tenant_slug: str
+    tier: Tier
+    key_id: uuid.UUID
+    scopes: frozenset[Scope] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class PlatformPrincipal:
+    """The platform operator."""
+
+    name: str = "platform-admin"
+
+
+Principal = TenantPrincipal | PlatformPrincipal

@@ -1,0 +1,224 @@
+"""The ``tenantrag`` command: the composition root of API, workers and embedded stack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, TypeVar
+
+import typer
+import uvicorn
+from pydantic import SecretStr, ValidationError
+
+from app.api.factory import create_app
+from app.auth.keys import Scope
+from app.db.engine import Database, make_engine
+from app.db.migrate import migrate
+from app.db.models import Tier
+from app.devstack import (
+    attach_to_running_stack,
+    ensure_admin_key,
+    remove_stack_file,
+    write_stack_file,
+)
+from app.domain.keys.schemas import ApiKeyCreate, ApiKeyCreated
+from app.domain.keys.service import ApiKeyService
+from app.domain.tenants.schemas import TenantCreate
+from app.domain.tenants.service import TenantService
+from app.embedded import EmbeddedStack
+from app.errors import DomainError
+from app.settings import Settings, load_settings
+
+T = TypeVar("T")
+cli = typer.Typer(help="Tenant-isolated RAG assistant backend.", no_args_is_help=True)
+tenants_cli = typer.Typer(help="Manage tenants (platform operator).", no_args_is_help=True)
+keys_cli = typer.Typer(help="Manage tenant API keys.", no_args_is_help=True)
+cli.add_typer(tenants_cli, name="tenants")
+cli.add_typer(keys_cli, name="keys")
+
+
+def _settings() -> Settings:
+    try:
+        return attach_to_running_stack(load_settings())
+    except ValidationError as exc:
+        typer.secho(f"invalid settings:\n{exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _serve(settings: Settings) -> None:
+    from workers.embedded import embedded_workers  # composition root: only here
+
+    lifespans = [embedded_workers(settings)] if settings.worker.embedded else []
+    app = create_app(settings, extra_lifespans=lifespans)
+    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
+                            log_level="info", lifespan="on")
+    uvicorn.Server(config).run()
+
+
+@cli.command()
+def serve(host: str | None = None, port: int | None = None) -> None:
+    """Run the API (production: settings from the environment)."""
+    settings = _settings()
+    settings.server.host = host or settings.server.host
+    settings.server.port = port if port is not None else settings.server.port
+    _serve(settings)
+
+
+@cli.command()
+def worker(threads: int | None = None) -> None:
+    """Run Dramatiq workers in this process until SIGINT/SIGTERM."""
+    from workers.broker import setup_broker, start_worker
+
+    settings = _settings()
+    broker = setup_broker(settings)
+    running = start_worker(broker, threads or settings.worker.threads)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    running.stop(10_000)
+    broker.close()
+
+
+@cli.command("migrate")
+def migrate_cmd() -> None:
+    """Bring the database schema to the latest version (runs as the owner role)."""
+    asyncio.run(migrate(_settings().database))
+    typer.echo("database is at the latest schema")
+
+
+@cli.command()
+def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
+    """Run everything in one process on the embedded stack (no settings needed)."""
+    settings = load_settings()
+    settings.server.env = "dev"
+    settings.server.port = port
+    settings.worker.embedded = True
+    data_dir = settings.server.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with EmbeddedStack(data_dir) as stack:
+        endpoints = stack.start()
+        settings.database.url = settings.database.url or endpoints.database_url
+        settings.redis.url = settings.redis.url or endpoints.redis_url
+        if settings.auth.platform_admin_key is None:
+            settings.auth.platform_admin_key = SecretStr(ensure_admin_key(data_dir))
+        asyncio.run(migrate(settings.database))
+        write_stack_file(data_dir, settings.database.url, settings.redis.url)
+        try:
+            _announce(settings)
+            _serve(settings)
+        finally:
+            remove_stack_file(data_dir)
+
+
+def _announce(settings: Settings) -> None:
+    base = f"http://{settings.server.host}:{settings.server.port}"
+    admin = settings.auth.platform_admin_key
+    key = admin.get_secret_value() if admin else "(AUTH_PLATFORM_ADMIN_KEY)"
+    typer.secho("\ntenantrag is starting on the embedded stack", bold=True)
+    typer.echo(f"  base URL:            {base}")
+    typer.echo(f"  API docs (OpenAPI):  {base}/docs")
+    typer.echo(f"  platform admin key:  {key}")
+    typer.echo(f"  data folder:         {settings.server.data_dir.resolve()}")
+    typer.echo("  stop with Ctrl-C\n")
+
+
+@asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[Database]:
+    if not settings.database.url:
+        typer.secho("DATABASE_URL is not set and no dev stack is running", fg="red", err=True)
+        raise typer.Exit(2)
+    db = Database(make_engine(settings.database.application_url(), settings.database))
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def _run(work: Callable[[Database, Settings], Awaitable[T]]) -> T:
+    settings = _settings()
+
+    async def main() -> T:
+        async with _database(settings) as db:
+            return await work(db, settings)
+
+    try:
+        return asyncio.run(main())
+    except DomainError as exc:
+        typer.secho(f"error: {exc.detail}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+
+
+async def _resolve_tenant(db: Database, ref: str) -> uuid.UUID:
+    service = TenantService(db)
+    try:
+        return (await service.get(uuid.UUID(ref))).id
+    except ValueError:
+        return (await service.get_by_slug(ref)).id
+
+
+@tenants_cli.command("create")
+def tenants_create(
+    slug: str, name: str, tier: Tier = Tier.free,
+    model: Annotated[list[str] | None, typer.Option(help="allowed model (repeat)")] = None,
+) -> None:
+    """Create a tenant."""
+    try:
+        data = TenantCreate(slug=slug, name=name, tier=tier, allowed_models=model or [])
+    except ValidationError as exc:
+        typer.secho(f"invalid tenant: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    tenant = _run(lambda db, _: TenantService(db).create(data))
+    typer.echo(f"created tenant {tenant.slug} ({tenant.id}), tier {tenant.tier}")
+
+
+@tenants_cli.command("list")
+def tenants_list() -> None:
+    """List tenants."""
+    rows, total = _run(lambda db, _: TenantService(db).list(limit=1000, offset=0))
+    for t in rows:
+        typer.echo(f"{t.id}  {t.slug:<30} {t.tier:<10} {t.status}")
+    typer.echo(f"{total} tenant(s)")
+
+
+@keys_cli.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Argument(help="tenant slug or id")],
+    name: str = "cli",
+    scope: Annotated[list[Scope] | None, typer.Option(help="scope (repeat)")] = None,
+) -> None:
+    """Mint an API key for a tenant; the key is printed once."""
+    data = ApiKeyCreate(name=name, scopes=scope or [Scope.chat])
+
+    async def work(db: Database, settings: Settings) -> ApiKeyCreated:
+        service = ApiKeyService(db, settings.auth.key_pepper.get_secret_value())
+        return await service.create(await _resolve_tenant(db, tenant), data)
+
+    created = _run(work)
+    typer.echo(f"key id: {created.id}\nkey:    {created.key}")
+    typer.echo("(store it now: it is not shown again)")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    tenant: Annotated[str, typer.Argument(help="tenant slug or id")], key_id: uuid.UUID
+) -> None:
+    """Revoke a tenant's API key (effective on the next request)."""
+
+    async def work(db: Database, settings: Settings) -> None:
+        service = ApiKeyService(db, settings.auth.key_pepper.get_secret_value())
+        await service.revoke(await _resolve_tenant(db, tenant), key_id)
+
+    _run(work)
+    typer.echo(f"revoked {key_id}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cli()

@@ -1,0 +1,1 @@
+"""Database access: tables, engines and tenant-scoped transactions."""

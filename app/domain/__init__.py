@@ -1,0 +1,1 @@
+"""Business areas, one folder each: schemas, services, controllers."""

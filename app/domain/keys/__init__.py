@@ -1,0 +1,1 @@
+"""Tenant API keys: mint (shown once), list, revoke."""

@@ -1,0 +1,64 @@
+"""Key routes for the tenant's own admins (``/v1/keys``) and the operator."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from litestar import Controller, Request, delete, get, post
+
+from app.api.guards import platform_only, requires_scope, tenant_of
+from app.auth.keys import Scope
+from app.domain.keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyOut
+from app.domain.keys.service import ApiKeyService
+
+AnyRequest = Request[Any, Any, Any]
+
+
+class TenantKeysController(Controller):
+    """A tenant admin manages the tenant's own keys."""
+
+    path = "/v1/keys"
+    guards = [requires_scope(Scope.admin)]  # noqa: RUF012
+    tags = ["tenant admin"]  # noqa: RUF012
+
+    @post("/", summary="Create an API key (the secret is shown once)")
+    async def create(
+        self, request: AnyRequest, data: ApiKeyCreate, keys: ApiKeyService
+    ) -> ApiKeyCreated:
+        return await keys.create(tenant_of(request), data)
+
+    @get("/", summary="List API keys")
+    async def list_keys(self, request: AnyRequest, keys: ApiKeyService) -> ApiKeyList:
+        rows = await keys.list(tenant_of(request))
+        return ApiKeyList(data=[ApiKeyOut.model_validate(k) for k in rows])
+
+    @delete("/{key_id:uuid}", status_code=200, summary="Revoke an API key")
+    async def revoke(
+        self, request: AnyRequest, key_id: uuid.UUID, keys: ApiKeyService
+    ) -> ApiKeyOut:
+        return ApiKeyOut.model_validate(await keys.revoke(tenant_of(request), key_id))
+
+
+class PlatformKeysController(Controller):
+    """The operator manages any tenant's keys (e.g. the first admin key)."""
+
+    path = "/admin/tenants/{tenant_id:uuid}/keys"
+    guards = [platform_only]  # noqa: RUF012
+    tags = ["platform admin"]  # noqa: RUF012
+
+    @post("/", summary="Create an API key for a tenant (the secret is shown once)")
+    async def create(
+        self, tenant_id: uuid.UUID, data: ApiKeyCreate, keys: ApiKeyService
+    ) -> ApiKeyCreated:
+        return await keys.create(tenant_id, data)
+
+    @get("/", summary="List a tenant's API keys")
+    async def list_keys(self, tenant_id: uuid.UUID, keys: ApiKeyService) -> ApiKeyList:
+        return ApiKeyList(data=[ApiKeyOut.model_validate(k) for k in await keys.list(tenant_id)])
+
+    @delete("/{key_id:uuid}", status_code=200, summary="Revoke a tenant's API key")
+    async def revoke(
+        self, tenant_id: uuid.UUID, key_id: uuid.UUID, keys: ApiKeyService
+    ) -> ApiKeyOut:
+        return ApiKeyOut.model_validate(await keys.revoke(tenant_id, key_id))

@@ -1,0 +1,1 @@
+"""What a tenant key can read about its own tenant."""

@@ -1,0 +1,1 @@
+"""Tenants: the platform operator creates, updates and suspends them."""

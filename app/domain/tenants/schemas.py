@@ -1,0 +1,80 @@
+"""Request and response bodies for tenants (kept apart from the table model)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from app.db.models import TenantStatus, Tier
+
+Slug = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"),
+    Field(description="Lowercase letters, digits and hyphens; 1-63 characters; unique."),
+]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+SystemPrompt = Annotated[str, Field(max_length=20_000)]
+Limit = Annotated[int | None, Field(ge=0, le=10**9)]
+BigLimit = Annotated[int | None, Field(ge=0, le=10**15)]
+
+
+class TenantQuotas(BaseModel):
+    """Limits enforced by later layers; ``null`` means the tier's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm_limit: Limit = None
+    tpm_limit: Limit = None
+    max_concurrency: Limit = None
+    monthly_token_budget: BigLimit = None
+    max_output_tokens: Limit = None
+    max_documents: Limit = None
+    max_storage_bytes: BigLimit = None
+
+
+class TenantCreate(TenantQuotas):
+    """A new tenant."""
+
+    slug: Slug
+    name: Name
+    tier: Tier = Tier.free
+    system_prompt: SystemPrompt = ""
+    allowed_models: Annotated[list[ModelName], Field(max_length=50)] = []
+
+
+class TenantUpdate(TenantQuotas):
+    """A partial update: only the fields sent are changed."""
+
+    name: Name | None = None
+    tier: Tier | None = None
+    system_prompt: SystemPrompt | None = None
+    allowed_models: Annotated[list[ModelName] | None, Field(max_length=50)] = None
+
+
+class TenantOut(TenantQuotas):
+    """A tenant as the operator sees it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    slug: str
+    name: str
+    tier: Tier
+    status: TenantStatus
+    system_prompt: str
+    allowed_models: list[str]
+    created_at: datetime
+    updated_at: datetime
+
+
+class TenantPage(BaseModel):
+    """One page of tenants."""
+
+    data: list[TenantOut]
+    total: int
+    limit: int
+    offset: int

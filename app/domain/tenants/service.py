@@ -1,0 +1,95 @@
+"""Tenant registry rules. Runs in the platform operator's scope."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from app.db.engine import Database
+from app.db.models import Tenant, TenantStatus, utcnow
+from app.domain.tenants.schemas import TenantCreate, TenantUpdate
+from app.errors import ConflictError, InvalidInputError, NotFoundError
+
+NOT_NULLABLE = frozenset({"name", "tier", "system_prompt", "allowed_models"})
+
+
+class TenantService:
+    """Create, read, update, suspend and reactivate tenants."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(self, data: TenantCreate) -> Tenant:
+        """Create a tenant; a taken slug is a conflict."""
+        tenant = Tenant(**data.model_dump())
+        try:
+            async with self.db.platform() as session:
+                session.add(tenant)
+        except IntegrityError as exc:
+            raise ConflictError(f"a tenant with slug {data.slug!r} already exists") from exc
+        return tenant
+
+    async def list(
+        self, limit: int, offset: int, status: TenantStatus | None = None
+    ) -> tuple[list[Tenant], int]:
+        """A page of tenants, oldest first, and the total count."""
+        query = select(Tenant)
+        counter = select(func.count()).select_from(Tenant)
+        if status is not None:
+            query = query.where(Tenant.status == status)
+            counter = counter.where(col(Tenant.status) == status)
+        query = query.order_by(col(Tenant.created_at), col(Tenant.id)).limit(limit).offset(offset)
+        async with self.db.platform() as session:
+            rows = list((await session.exec(query)).all())
+            total = (await session.exec(counter)).one()
+        return rows, total
+
+    async def get(self, tenant_id: uuid.UUID) -> Tenant:
+        """One tenant, or NotFoundError."""
+        async with self.db.platform() as session:
+            tenant = await session.get(Tenant, tenant_id)
+        if tenant is None:
+            raise NotFoundError(f"tenant {tenant_id} not found")
+        return tenant
+
+    async def get_by_slug(self, slug: str) -> Tenant:
+        """One tenant by slug, or NotFoundError."""
+        async with self.db.platform() as session:
+            tenant = (await session.exec(select(Tenant).where(Tenant.slug == slug))).first()
+        if tenant is None:
+            raise NotFoundError(f"tenant {slug!r} not found")
+        return tenant
+
+    async def get_own(self, tenant_id: uuid.UUID) -> Tenant:
+        """The tenant as seen from inside its own row-level-security scope."""
+        async with self.db.tenant(tenant_id) as session:
+            tenant = await session.get(Tenant, tenant_id)
+        if tenant is None:
+            raise NotFoundError(f"tenant {tenant_id} not found")
+        return tenant
+
+    async def update(self, tenant_id: uuid.UUID, data: TenantUpdate) -> Tenant:
+        """Apply the fields that were sent; ``null`` resets a quota to the tier default."""
+        changes = data.model_dump(include=data.model_fields_set)
+        nulled = sorted(k for k, v in changes.items() if v is None and k in NOT_NULLABLE)
+        if nulled:
+            raise InvalidInputError(f"these fields cannot be null: {', '.join(nulled)}")
+        return await self._change(tenant_id, changes)
+
+    async def set_status(self, tenant_id: uuid.UUID, status: TenantStatus) -> Tenant:
+        """Suspend or reactivate; a suspended tenant's keys get 403 from the next request."""
+        return await self._change(tenant_id, {"status": status})
+
+    async def _change(self, tenant_id: uuid.UUID, changes: dict[str, object]) -> Tenant:
+        async with self.db.platform() as session:
+            tenant = await session.get(Tenant, tenant_id, with_for_update=True)
+            if tenant is None:
+                raise NotFoundError(f"tenant {tenant_id} not found")
+            for field, value in changes.items():
+                setattr(tenant, field, value)
+            tenant.updated_at = utcnow()
+            session.add(tenant)
+        return tenant

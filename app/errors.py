@@ -1,0 +1,66 @@
+"""Domain exceptions. Services raise these; the API layer alone maps them to HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    """Base of every error a caller can act on. ``code`` is stable and machine-readable."""
+
+    code = "error"
+    title = "Request failed"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class InvalidInputError(DomainError):
+    """The request is well-formed but its content cannot be accepted."""
+
+    code = "invalid_input"
+    title = "Invalid input"
+
+
+class NotFoundError(DomainError):
+    """The resource does not exist for this caller (other tenants' resources included)."""
+
+    code = "not_found"
+    title = "Not found"
+
+
+class ConflictError(DomainError):
+    """The request clashes with existing state (e.g. a duplicate slug)."""
+
+    code = "conflict"
+    title = "Conflict"
+
+
+class AuthenticationError(DomainError):
+    """No credential, or one that is unknown, malformed, revoked or expired."""
+
+    code = "unauthenticated"
+    title = "Authentication required"
+
+
+class PermissionDeniedError(DomainError):
+    """The credential is valid but may not do this."""
+
+    code = "forbidden"
+    title = "Forbidden"
+
+
+class TenantSuspendedError(PermissionDeniedError):
+    """The tenant is suspended by the platform operator."""
+
+    code = "tenant_suspended"
+    title = "Tenant suspended"
+
+
+class ServiceUnavailableError(DomainError):
+    """A backing service (database, Redis, vector store) cannot be reached."""
+
+    code = "service_unavailable"
+    title = "Service unavailable"

@@ -1,0 +1,161 @@
+"""Typed settings, grouped by concern, read once from the environment and injected.
+
+Every group reads its own prefix (``DATABASE_URL``, ``REDIS_URL``, ``QDRANT_URL``...).
+Outside the ``dev`` and ``test`` environments, default or missing secrets are refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["dev", "test", "prod"]
+DEV_KEY_PEPPER = "dev-only-pepper-do-not-use-in-production"
+
+
+class ServerSettings(BaseSettings):
+    """Where the API listens and where local data lives."""
+
+    model_config = SettingsConfigDict(env_prefix="APP_", extra="ignore")
+
+    env: Environment = "prod"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Path(".data")
+    max_request_bytes: int = Field(default=60 * 1024 * 1024, gt=0)
+
+
+class DatabaseSettings(BaseSettings):
+    """PostgreSQL: the owner URL runs migrations; the app connects as a non-owner role."""
+
+    model_config = SettingsConfigDict(env_prefix="DATABASE_", extra="ignore")
+
+    url: str | None = None
+    app_url: str | None = None
+    app_role: str = Field(default="tenantrag_app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    app_password: SecretStr | None = None
+    pool_size: int = Field(default=10, ge=1, le=200)
+    max_overflow: int = Field(default=5, ge=0, le=200)
+    pool_timeout_s: float = Field(default=10.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    statement_timeout_ms: int = Field(default=30_000, ge=0)
+
+    def owner_url(self) -> str:
+        """The migration (owner) URL in SQLAlchemy asyncpg form."""
+        if self.url is None:
+            raise ValueError("DATABASE_URL is not set")
+        return as_asyncpg_url(self.url)
+
+    def application_url(self) -> str:
+        """The URL the app connects with: ``DATABASE_APP_URL`` or the owner URL's
+        server and database with the app role's name and password."""
+        if self.app_url:
+            return as_asyncpg_url(self.app_url)
+        parts = urlsplit(self.owner_url())
+        password = self.app_password.get_secret_value() if self.app_password else ""
+        host = parts.netloc.rpartition("@")[2]
+        auth = f"{self.app_role}:{password}" if password else self.app_role
+        return urlunsplit(parts._replace(netloc=f"{auth}@{host}"))
+
+
+class RedisSettings(BaseSettings):
+    """Redis: rate limits, the Dramatiq broker."""
+
+    model_config = SettingsConfigDict(env_prefix="REDIS_", extra="ignore")
+
+    url: str | None = None
+    max_connections: int = Field(default=50, ge=1)
+    socket_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class QdrantSettings(BaseSettings):
+    """Vector store: a Qdrant server when ``QDRANT_URL`` is set, else embedded shards on disk."""
+
+    model_config = SettingsConfigDict(env_prefix="QDRANT_", extra="ignore")
+
+    url: str | None = None
+    api_key: SecretStr | None = None
+    path: Path | None = None
+    dense_dim: int = Field(default=384, ge=1)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class AuthSettings(BaseSettings):
+    """API-key hashing pepper and the platform operator's key."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTH_", extra="ignore")
+
+    key_pepper: SecretStr = SecretStr(DEV_KEY_PEPPER)
+    platform_admin_key: SecretStr | None = None
+    last_used_resolution_s: int = Field(default=60, ge=0)
+
+
+class WorkerSettings(BaseSettings):
+    """Dramatiq workers: threads inside the API process in dev, separate processes otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKER_", extra="ignore")
+
+    embedded: bool = False
+    threads: int = Field(default=2, ge=1, le=64)
+    namespace: str = Field(default="tenantrag", pattern=r"^[a-zA-Z0-9_-]{1,40}$")
+
+
+class Settings(BaseSettings):
+    """All settings; build once with :func:`load_settings` and pass it down."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Settings:
+        if self.server.env != "prod":
+            return self
+        problems = []
+        if self.auth.key_pepper.get_secret_value() == DEV_KEY_PEPPER:
+            problems.append("AUTH_KEY_PEPPER must be set to a random secret in production")
+        elif len(self.auth.key_pepper.get_secret_value()) < 32:
+            problems.append("AUTH_KEY_PEPPER must be at least 32 characters")
+        admin = self.auth.platform_admin_key
+        if admin is None or len(admin.get_secret_value()) < 32:
+            problems.append("AUTH_PLATFORM_ADMIN_KEY must be set (at least 32 characters)")
+        if not self.database.url:
+            problems.append("DATABASE_URL must be set")
+        if not self.redis.url:
+            problems.append("REDIS_URL must be set")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        """True outside the dev and test environments."""
+        return self.server.env == "prod"
+
+    def vector_path(self) -> Path:
+        """Root folder of the embedded vector store's shards."""
+        return self.qdrant.path or self.server.data_dir / "qdrant"
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment (one call per process)."""
+    return Settings()
+
+
+def as_asyncpg_url(url: str) -> str:
+    """Accept ``postgres://``, ``postgresql://`` or ``postgresql+driver://`` URLs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL: {url!r}")
+    if scheme not in {"postgres", "postgresql"} and not scheme.startswith("postgresql+"):
+        raise ValueError(f"DATABASE_URL must be a PostgreSQL URL, got scheme {scheme!r}")
+    return f"postgresql+asyncpg://{rest}"

@@ -1,0 +1,1 @@
+"""Pure document processing: bytes -> structured text -> chunks with offsets."""

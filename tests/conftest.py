@@ -1,0 +1,126 @@
+"""Test bootstrap: real PostgreSQL and Redis, from the environment or embedded.
+
+With ``DATABASE_URL`` and ``REDIS_URL`` set (as CI does), tests use those servers; else
+they start the embedded ones in a temporary folder. Either way the suite works in a
+scratch database of its own, created here and dropped at the end, so a developer's data
+is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from pydantic import SecretStr
+
+from app.api.factory import create_app
+from app.db.migrate import migrate
+from app.embedded import EmbeddedStack
+from app.settings import (
+    AuthSettings,
+    DatabaseSettings,
+    QdrantSettings,
+    RedisSettings,
+    ServerSettings,
+    Settings,
+    as_asyncpg_url,
+)
+from tests.support import PLATFORM_KEY
+
+TEST_PEPPER = "test-pepper-0123456789abcdef0123456789"
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def _plain(url: str) -> str:
+    """asyncpg's own DSN form (no SQLAlchemy driver suffix)."""
+    return "postgresql://" + as_asyncpg_url(url).partition("://")[2]
+
+
+@pytest.fixture(scope="session")
+def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(owner database URL, Redis URL) of real servers for the whole run."""
+    db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
+    if db_url and redis_url:
+        yield as_asyncpg_url(db_url), redis_url
+        return
+    stack = EmbeddedStack(tmp_path_factory.mktemp("stack"))
+    endpoints = stack.start()
+    try:
+        yield db_url or endpoints.database_url, redis_url or endpoints.redis_url
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+async def scratch_database(service_urls: tuple[str, str]) -> AsyncIterator[str]:
+    """A fresh database on the server, migrated to head; dropped afterwards."""
+    owner_url, _ = service_urls
+    name = f"tenantrag_test_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(_plain(owner_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(owner_url, name)
+    await migrate(DatabaseSettings(url=url))
+    yield url
+    admin = await asyncpg.connect(_plain(owner_url))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def settings(
+    scratch_database: str, service_urls: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    """Settings pointing at the scratch database, real Redis and a temporary vector store."""
+    data = tmp_path_factory.mktemp("data")
+    return Settings(
+        server=ServerSettings(env="test", data_dir=data),
+        database=DatabaseSettings(url=scratch_database),
+        redis=RedisSettings(url=service_urls[1]),
+        qdrant=QdrantSettings(path=data / "qdrant"),
+        auth=AuthSettings(
+            key_pepper=SecretStr(TEST_PEPPER),
+            platform_admin_key=SecretStr(PLATFORM_KEY),
+            last_used_resolution_s=0,
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> Litestar:
+    """The API as users get it."""
+    return create_app(settings)
+
+
+@pytest.fixture(scope="session")
+async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """An HTTP client running the app's lifespan once for the session."""
+    async with AsyncTestClient(app=app) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def admin_headers() -> dict[str, str]:
+    """The platform operator's credentials."""
+    return {"Authorization": f"Bearer {PLATFORM_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository's top folder."""
+    return Path(__file__).resolve().parent.parent
