@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import uuid
@@ -32,7 +33,7 @@ from app.domain.tenants.schemas import TenantCreate
 from app.domain.tenants.service import TenantService
 from app.embedded import EmbeddedStack
 from app.errors import DomainError
-from app.settings import Settings, load_settings
+from app.settings import ServerSettings, Settings, load_settings
 
 T = TypeVar("T")
 cli = typer.Typer(help="Tenant-isolated RAG assistant backend.", no_args_is_help=True)
@@ -43,8 +44,11 @@ cli.add_typer(keys_cli, name="keys")
 
 
 def _settings() -> Settings:
+    """Settings from the environment; with no DATABASE_URL, those of a running dev stack."""
     try:
-        return attach_to_running_stack(load_settings())
+        server = ServerSettings()
+        running = None if os.environ.get("DATABASE_URL") else attach_to_running_stack(server)
+        return running or load_settings()
     except ValidationError as exc:
         typer.secho(f"invalid settings:\n{exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
@@ -95,9 +99,7 @@ def migrate_cmd() -> None:
 @cli.command()
 def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
     """Run everything in one process on the embedded stack (no settings needed)."""
-    settings = load_settings()
-    settings.server.env = "dev"
-    settings.server.port = port
+    settings = Settings(server=ServerSettings(env="dev", port=port))
     settings.worker.embedded = True
     data_dir = settings.server.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,8 @@ def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
         try:
             _announce(settings)
             _serve(settings)
+        except KeyboardInterrupt:
+            pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; ours follows
         finally:
             remove_stack_file(data_dir)
 

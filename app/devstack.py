@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from app.settings import Settings
+from app.settings import AuthSettings, DatabaseSettings, RedisSettings, ServerSettings, Settings
 
 STACK_FILE = "stack.json"
 ADMIN_KEY_FILE = "platform-admin-key"
@@ -43,20 +43,22 @@ def remove_stack_file(data_dir: Path) -> None:
     (data_dir / STACK_FILE).unlink(missing_ok=True)
 
 
-def attach_to_running_stack(settings: Settings) -> Settings:
-    """Fill in missing DATABASE_URL/REDIS_URL from a running dev stack, if there is one."""
-    path = settings.server.data_dir / STACK_FILE
-    if settings.database.url or not path.exists():
-        return settings
+def attach_to_running_stack(server: ServerSettings) -> Settings | None:
+    """Settings for the dev stack running on ``server.data_dir``, if one is running."""
+    path = server.data_dir / STACK_FILE
+    if not path.exists():
+        return None
     info = json.loads(path.read_text())
     if not _alive(int(info["pid"])):
-        return settings
-    settings.database.url = info["database_url"]
-    settings.redis.url = settings.redis.url or info["redis_url"]
-    key_path = settings.server.data_dir / ADMIN_KEY_FILE
-    if settings.auth.platform_admin_key is None and key_path.exists():
-        settings.auth.platform_admin_key = SecretStr(key_path.read_text().strip())
-    return settings
+        return None
+    key_path = server.data_dir / ADMIN_KEY_FILE
+    admin_key = SecretStr(key_path.read_text().strip()) if key_path.exists() else None
+    return Settings(
+        server=server.model_copy(update={"env": "dev"}),
+        database=DatabaseSettings(url=info["database_url"]),
+        redis=RedisSettings(url=info["redis_url"]),
+        auth=AuthSettings(platform_admin_key=admin_key),
+    )
 
 
 def _alive(pid: int) -> bool:

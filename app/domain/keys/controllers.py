@@ -6,6 +6,8 @@ import uuid
 from typing import Any
 
 from litestar import Controller, Request, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 
 from app.api.guards import platform_only, requires_scope, tenant_of
 from app.auth.keys import Scope
@@ -24,18 +26,23 @@ class TenantKeysController(Controller):
 
     @post("/", summary="Create an API key (the secret is shown once)")
     async def create(
-        self, request: AnyRequest, data: ApiKeyCreate, keys: ApiKeyService
+        self,
+        request: AnyRequest,
+        data: JSONBody[ApiKeyCreate],
+        keys: NamedDependency[ApiKeyService],
     ) -> ApiKeyCreated:
         return await keys.create(tenant_of(request), data)
 
     @get("/", summary="List API keys")
-    async def list_keys(self, request: AnyRequest, keys: ApiKeyService) -> ApiKeyList:
+    async def list_keys(
+        self, request: AnyRequest, keys: NamedDependency[ApiKeyService]
+    ) -> ApiKeyList:
         rows = await keys.list(tenant_of(request))
         return ApiKeyList(data=[ApiKeyOut.model_validate(k) for k in rows])
 
     @delete("/{key_id:uuid}", status_code=200, summary="Revoke an API key")
     async def revoke(
-        self, request: AnyRequest, key_id: uuid.UUID, keys: ApiKeyService
+        self, request: AnyRequest, key_id: FromPath[uuid.UUID], keys: NamedDependency[ApiKeyService]
     ) -> ApiKeyOut:
         return ApiKeyOut.model_validate(await keys.revoke(tenant_of(request), key_id))
 
@@ -49,16 +56,24 @@ class PlatformKeysController(Controller):
 
     @post("/", summary="Create an API key for a tenant (the secret is shown once)")
     async def create(
-        self, tenant_id: uuid.UUID, data: ApiKeyCreate, keys: ApiKeyService
+        self,
+        tenant_id: FromPath[uuid.UUID],
+        data: JSONBody[ApiKeyCreate],
+        keys: NamedDependency[ApiKeyService],
     ) -> ApiKeyCreated:
         return await keys.create(tenant_id, data)
 
     @get("/", summary="List a tenant's API keys")
-    async def list_keys(self, tenant_id: uuid.UUID, keys: ApiKeyService) -> ApiKeyList:
+    async def list_keys(
+        self, tenant_id: FromPath[uuid.UUID], keys: NamedDependency[ApiKeyService]
+    ) -> ApiKeyList:
         return ApiKeyList(data=[ApiKeyOut.model_validate(k) for k in await keys.list(tenant_id)])
 
     @delete("/{key_id:uuid}", status_code=200, summary="Revoke a tenant's API key")
     async def revoke(
-        self, tenant_id: uuid.UUID, key_id: uuid.UUID, keys: ApiKeyService
+        self,
+        tenant_id: FromPath[uuid.UUID],
+        key_id: FromPath[uuid.UUID],
+        keys: NamedDependency[ApiKeyService],
     ) -> ApiKeyOut:
         return ApiKeyOut.model_validate(await keys.revoke(tenant_id, key_id))

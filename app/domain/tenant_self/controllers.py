@@ -6,6 +6,8 @@ import uuid
 from typing import Any
 
 from litestar import Request, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 from pydantic import BaseModel
 
 from app.api.guards import requires_scope, tenant_of
@@ -20,10 +22,10 @@ AnyRequest = Request[Any, Any, Any]
 class WhoAmI(BaseModel):
     """The calling key and its tenant."""
 
-    tenant_id: uuid.UUID
+    tenant_id: FromPath[uuid.UUID]
     tenant_slug: str
     tier: Tier
-    key_id: uuid.UUID
+    key_id: FromPath[uuid.UUID]
     scopes: list[Scope]
 
 
@@ -54,7 +56,7 @@ async def whoami(request: AnyRequest) -> WhoAmI:
 
 @get("/v1/models", summary="Models this tenant may use", tags=["chat"],
      guards=[requires_scope(Scope.chat)])
-async def list_models(request: AnyRequest, tenants: TenantService) -> ModelList:
+async def list_models(request: AnyRequest, tenants: NamedDependency[TenantService]) -> ModelList:
     """The tenant's allowed models, as OpenAI clients expect them."""
     tenant = await tenants.get_own(tenant_of(request))
     return ModelList(data=[ModelCard(id=m) for m in tenant.allowed_models])

@@ -6,7 +6,8 @@ import uuid
 from typing import Annotated
 
 from litestar import Controller, get, patch, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from app.api.guards import platform_only
 from app.db.models import TenantStatus
@@ -22,37 +23,48 @@ class TenantAdminController(Controller):
     tags = ["platform admin"]  # noqa: RUF012
 
     @post("/", summary="Create a tenant")
-    async def create(self, data: TenantCreate, tenants: TenantService) -> TenantOut:
+    async def create(
+        self, data: JSONBody[TenantCreate], tenants: NamedDependency[TenantService]
+    ) -> TenantOut:
         return TenantOut.model_validate(await tenants.create(data))
 
     @get("/", summary="List tenants")
     async def list_tenants(
         self,
-        tenants: TenantService,
-        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
-        offset: Annotated[int, Parameter(ge=0)] = 0,
-        status: TenantStatus | None = None,
+        tenants: NamedDependency[TenantService],
+        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        status: FromQuery[TenantStatus | None] = None,
     ) -> TenantPage:
         rows, total = await tenants.list(limit, offset, status)
         data = [TenantOut.model_validate(t) for t in rows]
         return TenantPage(data=data, total=total, limit=limit, offset=offset)
 
     @get("/{tenant_id:uuid}", summary="Get a tenant")
-    async def get_tenant(self, tenant_id: uuid.UUID, tenants: TenantService) -> TenantOut:
+    async def get_tenant(
+        self, tenant_id: FromPath[uuid.UUID], tenants: NamedDependency[TenantService]
+    ) -> TenantOut:
         return TenantOut.model_validate(await tenants.get(tenant_id))
 
     @patch("/{tenant_id:uuid}", summary="Update a tenant (only the fields sent)")
     async def update(
-        self, tenant_id: uuid.UUID, data: TenantUpdate, tenants: TenantService
+        self,
+        tenant_id: FromPath[uuid.UUID],
+        data: JSONBody[TenantUpdate],
+        tenants: NamedDependency[TenantService],
     ) -> TenantOut:
         return TenantOut.model_validate(await tenants.update(tenant_id, data))
 
     @post("/{tenant_id:uuid}/suspend", status_code=200, summary="Suspend a tenant")
-    async def suspend(self, tenant_id: uuid.UUID, tenants: TenantService) -> TenantOut:
+    async def suspend(
+        self, tenant_id: FromPath[uuid.UUID], tenants: NamedDependency[TenantService]
+    ) -> TenantOut:
         tenant = await tenants.set_status(tenant_id, TenantStatus.suspended)
         return TenantOut.model_validate(tenant)
 
     @post("/{tenant_id:uuid}/activate", status_code=200, summary="Reactivate a tenant")
-    async def activate(self, tenant_id: uuid.UUID, tenants: TenantService) -> TenantOut:
+    async def activate(
+        self, tenant_id: FromPath[uuid.UUID], tenants: NamedDependency[TenantService]
+    ) -> TenantOut:
         tenant = await tenants.set_status(tenant_id, TenantStatus.active)
         return TenantOut.model_validate(tenant)

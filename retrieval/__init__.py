@@ -1,0 +1,1 @@
+"""Retrieval: per-tenant vector storage and hybrid search."""

@@ -1,0 +1,134 @@
+"""``tenantrag dev`` (what ``make run`` starts), driven as a person would from a terminal.
+
+Start it with no settings, use the printed admin key, manage tenants from a second
+terminal, press Ctrl-C, check nothing is left running, start again on the same data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+CLI = [sys.executable, "-m", "app"]
+STARTUP_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def clean_env(data_dir: Path) -> dict[str, str]:
+    """A terminal with none of our settings, as on a newcomer's machine."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DATABASE_", "REDIS_", "QDRANT_", "AUTH_", "APP_", "WORKER_"))}
+    env["APP_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def processes_using(folder: Path) -> list[psutil.Process]:
+    """Live processes whose command line mentions ``folder`` (postgres -D, redis --dir)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            mentions = any(str(folder) in part for part in proc.info["cmdline"] or [])
+            if mentions and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+class DevServer:
+    """A running ``tenantrag dev`` child process and what it printed."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir.parent / f"dev-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [*CLI, "dev", "--port", str(self.port)], env=clean_env(data_dir),
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self) -> str:
+        """Wait for /readyz; return the admin key the command printed."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"dev server not ready:\n{self.log.read_text()}")
+        out = self.log.read_text()
+        assert f"base URL:            {self.base}" in out
+        assert f"{self.base}/docs" in out
+        match = re.search(r"platform admin key:\s+(\S+)", out)
+        assert match, out
+        return match.group(1)
+
+    def interrupt(self) -> int:
+        """Ctrl-C, as a person would press it; the exit code."""
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "data"
+    yield folder
+    for proc in processes_using(folder):  # never leave a stray server behind a failed test
+        proc.kill()
+
+
+def run_cli(data_dir: Path, *args: str) -> str:
+    done = subprocess.run([*CLI, *args], env=clean_env(data_dir), capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_dev_starts_serves_stops_and_restarts_on_same_data(data_dir: Path) -> None:
+    server = DevServer(data_dir)
+    admin_key = server.wait_ready()
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    assert httpx.get(f"{server.base}/admin/tenants", headers=headers).status_code == 200
+
+    out = run_cli(data_dir, "tenants", "create", "acme", "Acme Corp", "--tier", "pro",
+                  "--model", "smollm2")
+    assert "created tenant acme" in out
+    key = re.search(r"key:\s+(trk_\S+)", run_cli(data_dir, "keys", "create", "acme"))
+    assert key, "no key printed"
+    models = httpx.get(f"{server.base}/v1/models",
+                       headers={"Authorization": f"Bearer {key.group(1)}"})
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == "smollm2"
+
+    assert server.interrupt() == 0, server.log.read_text()
+    time.sleep(1)
+    assert processes_using(data_dir) == []
+
+    again = DevServer(data_dir)
+    assert again.wait_ready() == admin_key
+    assert "acme" in run_cli(data_dir, "tenants", "list")
+    assert httpx.get(f"{again.base}/v1/models",
+                     headers={"Authorization": f"Bearer {key.group(1)}"}).status_code == 200
+    assert again.interrupt() == 0
+    time.sleep(1)
+    assert processes_using(data_dir) == []
