@@ -9,6 +9,8 @@ is never touched.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -54,12 +56,16 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     if db_url and redis_url:
         yield as_asyncpg_url(db_url), redis_url
         return
-    stack = EmbeddedStack(tmp_path_factory.mktemp("stack"))
+    # Not under pytest's tmp folder: a concurrent pytest run resets it to 0700, which
+    # locks out the unprivileged user PostgreSQL runs as when the tests run as root.
+    folder = Path(tempfile.mkdtemp(prefix="tenantrag-stack-"))
+    stack = EmbeddedStack(folder)
     endpoints = stack.start()
     try:
         yield db_url or endpoints.database_url, redis_url or endpoints.redis_url
     finally:
         stack.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

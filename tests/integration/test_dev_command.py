@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,11 +93,13 @@ class DevServer:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    folder = tmp_path / "data"
+def data_dir() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="tenantrag-dev-"))  # see conftest: not pytest's tmp
+    folder = root / "data"
     yield folder
     for proc in processes_using(folder):  # never leave a stray server behind a failed test
         proc.kill()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def run_cli(data_dir: Path, *args: str) -> str:
