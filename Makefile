@@ -7,9 +7,13 @@ LOCK   := requirements.lock
 
 .PHONY: run test lint typecheck install lock clean-data
 
+TORCH  := torch==2.13.0
+
+# torch first and alone: a range it satisfies then installs nothing more (see README).
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
@@ -31,7 +35,8 @@ typecheck: install
 
 ## Re-pin every dependency after changing pyproject.toml.
 lock: install
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e ' > $(LOCK)
+	$(BIN)/python -m pip freeze --exclude-editable \
+		| grep -v -E '^(-e |torch==|nvidia-|triton==)' > $(LOCK)
 
 clean-data:
 	rm -rf .data

@@ -10,11 +10,14 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, TypeVar
 
+import httpx
 import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
+from rich.console import Console
 
 from app.api.factory import create_app
 from app.auth.keys import Scope
@@ -33,6 +36,7 @@ from app.domain.tenants.schemas import TenantCreate
 from app.domain.tenants.service import TenantService
 from app.embedded import EmbeddedStack
 from app.errors import DomainError
+from app.ingest_client import FolderIngester, print_summary
 from app.settings import ServerSettings, Settings, load_settings
 
 T = TypeVar("T")
@@ -77,15 +81,21 @@ def serve(host: str | None = None, port: int | None = None) -> None:
 def worker(threads: int | None = None) -> None:
     """Run Dramatiq workers in this process until SIGINT/SIGTERM."""
     from workers.broker import setup_broker, start_worker
+    from workers.runtime import WorkerRuntime
 
     settings = _settings()
-    broker = setup_broker(settings)
-    running = start_worker(broker, threads or settings.worker.threads)
+    settings.worker.threads = threads or settings.worker.threads
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    broker = setup_broker(settings)
+    runtime = WorkerRuntime(settings, broker)
+    runtime.start()
+    running = start_worker(broker, settings.worker.threads)
+    typer.echo("worker ready", err=True)
     stop.wait()
     running.stop(10_000)
+    runtime.stop()
     broker.close()
 
 
@@ -220,6 +230,24 @@ def keys_revoke(
 
     _run(work)
     typer.echo(f"revoked {key_id}")
+
+
+@cli.command()
+def ingest(
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, readable=True)],
+    kb: Annotated[str, typer.Option(help="knowledge base id")],
+    key: Annotated[str, typer.Option(envvar="TENANTRAG_API_KEY", help="tenant key (ingest)")],
+    url: Annotated[str, typer.Option(envvar="TENANTRAG_URL")] = "http://127.0.0.1:8000",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for processing")] = 3600,
+) -> None:
+    """Upload every file of FOLDER into a knowledge base and wait until each is processed."""
+    console = Console()
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+        report = FolderIngester(client, kb, timeout).run(folder, console)
+    print_summary(report, console)
+    if report.failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

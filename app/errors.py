@@ -64,3 +64,24 @@ class ServiceUnavailableError(DomainError):
 
     code = "service_unavailable"
     title = "Service unavailable"
+
+
+class PayloadTooLargeError(DomainError):
+    """An uploaded file is over the configured size limit."""
+
+    code = "payload_too_large"
+    title = "Payload too large"
+
+
+class UnsupportedMediaError(DomainError):
+    """The upload is not one of the supported document formats."""
+
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class QuotaExceededError(PermissionDeniedError):
+    """A tenant quota (documents, storage...) would be exceeded; ``quota`` names it."""
+
+    code = "quota_exceeded"
+    title = "Quota exceeded"

@@ -94,14 +94,50 @@ class AuthSettings(BaseSettings):
     last_used_resolution_s: int = Field(default=60, ge=0)
 
 
+class IngestSettings(BaseSettings):
+    """Uploads, parsing, chunking, embedding and the ingestion queue."""
+
+    model_config = SettingsConfigDict(env_prefix="INGEST_", extra="ignore")
+
+    max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_files_per_request: int = Field(default=20, ge=1, le=1000)
+    chunk_max_tokens: int = Field(default=200, ge=16, le=512)
+    chunk_overlap_tokens: int = Field(default=30, ge=0, le=256)
+    embedding_model: str | None = None
+    embedding_device: str = "cpu"
+    embedding_batch_size: int = Field(default=32, ge=1, le=1024)
+    # Worker threads' embedding calls are merged: up to this many texts per model call,
+    # waiting at most this long for more (large, length-sorted batches: ~1.5x throughput).
+    coalesce_max_texts: int = Field(default=256, ge=1)
+    coalesce_wait_s: float = Field(default=0.5, ge=0)
+    message_time_limit_s: int = Field(default=900, ge=10)
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    resend_queued_after_s: int = Field(default=300, ge=1)
+    resend_processing_after_s: int = Field(default=120, ge=1)
+    # A reader may have read the live-version map just before a swap; the old version's
+    # points stay this long so its query still finds them (no gap).
+    stale_version_grace_s: float = Field(default=30.0, ge=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    relay_interval_s: float = Field(default=0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> IngestSettings:
+        if self.chunk_overlap_tokens >= self.chunk_max_tokens:
+            raise ValueError("INGEST_CHUNK_OVERLAP_TOKENS must be below INGEST_CHUNK_MAX_TOKENS")
+        return self
+
+
 class WorkerSettings(BaseSettings):
     """Dramatiq workers: threads inside the API process in dev, separate processes otherwise."""
 
     model_config = SettingsConfigDict(env_prefix="WORKER_", extra="ignore")
 
     embedded: bool = False
-    threads: int = Field(default=2, ge=1, le=64)
+    # Mostly waiting on the model, the database or the store: enough of them keep the
+    # embedding batcher fed with large batches.
+    threads: int = Field(default=8, ge=1, le=64)
     namespace: str = Field(default="tenantrag", pattern=r"^[a-zA-Z0-9_-]{1,40}$")
+    heartbeat_timeout_s: int = Field(default=60, ge=1)
 
 
 class Settings(BaseSettings):
@@ -115,6 +151,7 @@ class Settings(BaseSettings):
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

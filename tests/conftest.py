@@ -14,7 +14,6 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -25,28 +24,20 @@ from pydantic import SecretStr
 from app.api.factory import create_app
 from app.db.migrate import migrate
 from app.embedded import EmbeddedStack
+from app.embeddings import Models, load_models
 from app.settings import (
     AuthSettings,
     DatabaseSettings,
+    IngestSettings,
     QdrantSettings,
     RedisSettings,
     ServerSettings,
     Settings,
+    WorkerSettings,
     as_asyncpg_url,
 )
-from tests.support import PLATFORM_KEY
-
-TEST_PEPPER = "test-pepper-0123456789abcdef0123456789"
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def _plain(url: str) -> str:
-    """asyncpg's own DSN form (no SQLAlchemy driver suffix)."""
-    return "postgresql://" + as_asyncpg_url(url).partition("://")[2]
+from tests.support import PLATFORM_KEY, TEST_PEPPER, plain_dsn, with_database
+from workers.embedded import embedded_workers
 
 
 @pytest.fixture(scope="session")
@@ -73,15 +64,15 @@ async def scratch_database(service_urls: tuple[str, str]) -> AsyncIterator[str]:
     """A fresh database on the server, migrated to head; dropped afterwards."""
     owner_url, _ = service_urls
     name = f"tenantrag_test_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(_plain(owner_url))
+    admin = await asyncpg.connect(plain_dsn(owner_url))
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = _with_database(owner_url, name)
+    url = with_database(owner_url, name)
     await migrate(DatabaseSettings(url=url))
     yield url
-    admin = await asyncpg.connect(_plain(owner_url))
+    admin = await asyncpg.connect(plain_dsn(owner_url))
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -99,6 +90,10 @@ def settings(
         database=DatabaseSettings(url=scratch_database),
         redis=RedisSettings(url=service_urls[1]),
         qdrant=QdrantSettings(path=data / "qdrant"),
+        # A namespace of its own: a shared Redis may hold other runs' messages.
+        worker=WorkerSettings(embedded=True, threads=2, namespace=f"test-{uuid.uuid4().hex[:8]}"),
+        ingest=IngestSettings(relay_interval_s=0.05, sweep_interval_s=1.0,
+                              stale_version_grace_s=1.0),
         auth=AuthSettings(
             key_pepper=SecretStr(TEST_PEPPER),
             platform_admin_key=SecretStr(PLATFORM_KEY),
@@ -108,9 +103,15 @@ def settings(
 
 
 @pytest.fixture(scope="session")
-def app(settings: Settings) -> Litestar:
-    """The API as users get it."""
-    return create_app(settings)
+def models() -> Models:
+    """The real embedding model and tokenizer, loaded once for the whole run."""
+    return load_models(IngestSettings())
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings, models: Models) -> Litestar:
+    """The API as users get it, with in-process worker threads (as in ``make run``)."""
+    return create_app(settings, extra_lifespans=[embedded_workers(settings)], models=models)
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from app.settings import as_asyncpg_url
+
 PLATFORM_KEY = "test-platform-admin-key-0123456789abcdef"
+TEST_PEPPER = "test-pepper-0123456789abcdef0123456789"
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at database ``name``."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def plain_dsn(url: str) -> str:
+    """asyncpg's own DSN form (no SQLAlchemy driver suffix)."""
+    return "postgresql://" + as_asyncpg_url(url).partition("://")[2]
 
 
 def unique_slug(stem: str = "t") -> str:

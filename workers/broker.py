@@ -15,7 +15,7 @@ from dramatiq.brokers.redis import RedisBroker
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
-ACTOR_MODULES: tuple[str, ...] = ()
+ACTOR_MODULES: tuple[str, ...] = ("workers.actors",)
 
 
 def setup_broker(settings: Settings) -> RedisBroker:
@@ -23,7 +23,8 @@ def setup_broker(settings: Settings) -> RedisBroker:
     if not settings.redis.url:
         raise ValueError("REDIS_URL is not set")
     broker = RedisBroker(  # type: ignore[no-untyped-call]
-        url=settings.redis.url, namespace=settings.worker.namespace
+        url=settings.redis.url, namespace=settings.worker.namespace,
+        heartbeat_timeout=settings.worker.heartbeat_timeout_s * 1000,
     )
     dramatiq.set_broker(broker)
     for module in ACTOR_MODULES:

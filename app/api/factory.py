@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import timedelta
@@ -21,25 +22,21 @@ from app.auth.authenticator import ApiKeyAuthenticator
 from app.db.engine import Database, make_engine
 from app.domain.keys.controllers import PlatformKeysController, TenantKeysController
 from app.domain.keys.service import ApiKeyService
+from app.domain.knowledge.controllers import KnowledgeBaseController
+from app.domain.knowledge.document_service import DocumentService
+from app.domain.knowledge.kb_service import KnowledgeBaseService
+from app.domain.search.controllers import retrieve
+from app.domain.search.service import SearchService
 from app.domain.system.controllers import healthz, readyz
 from app.domain.tenant_self.controllers import list_models, whoami
 from app.domain.tenants.controllers import TenantAdminController
 from app.domain.tenants.service import TenantService
+from app.embeddings import Models, load_models
 from app.settings import Settings
-from retrieval.vectorstore import VectorStoreConfig, open_vector_store
+from app.stores import vector_store_config
+from retrieval.vectorstore import open_vector_store
 
 Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
-
-
-def vector_store_config(settings: Settings) -> VectorStoreConfig:
-    """Server mode when QDRANT_URL is set, else embedded shards under the data folder."""
-    q = settings.qdrant
-    if q.url:
-        key = q.api_key.get_secret_value() if q.api_key else None
-        return VectorStoreConfig(backend="server", url=q.url, api_key=key,
-                                 dense_dim=q.dense_dim, timeout_s=q.timeout_s)
-    return VectorStoreConfig(backend="embedded", path=settings.vector_path(),
-                             dense_dim=q.dense_dim, timeout_s=q.timeout_s)
 
 
 def make_redis(settings: Settings) -> aioredis.Redis:
@@ -54,7 +51,7 @@ def make_redis(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
-def _lifespan(settings: Settings, extras: Sequence[Lifespan]) -> Lifespan:
+def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | None) -> Lifespan:
     @asynccontextmanager
     async def clients(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
@@ -64,9 +61,10 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan]) -> Lifespan:
             stack.push_async_callback(redis.aclose)
             vector_store = open_vector_store(vector_store_config(settings))
             stack.push_async_callback(vector_store.close)
+            loaded = models or await asyncio.to_thread(load_models, settings.ingest)
             admin_key = settings.auth.platform_admin_key
             app.state.update(
-                db=db, redis=redis, vector_store=vector_store,
+                db=db, redis=redis, vector_store=vector_store, models=loaded,
                 authenticator=ApiKeyAuthenticator(
                     db, settings.auth.key_pepper.get_secret_value(),
                     admin_key.get_secret_value() if admin_key else None,
@@ -90,9 +88,27 @@ def provide_keys(state: State) -> ApiKeyService:
     return ApiKeyService(state.db, state.settings.auth.key_pepper.get_secret_value())
 
 
-def create_app(settings: Settings, *, extra_lifespans: Sequence[Lifespan] = ()) -> Litestar:
+def provide_kbs(state: State) -> KnowledgeBaseService:
+    """The knowledge-base service."""
+    return KnowledgeBaseService(state.db)
+
+
+def provide_documents(state: State) -> DocumentService:
+    """The document service."""
+    return DocumentService(state.db, state.settings.ingest)
+
+
+def provide_search(state: State) -> SearchService:
+    """The retrieval service."""
+    return SearchService(state.db, state.vector_store, state.models)
+
+
+def create_app(
+    settings: Settings, *, extra_lifespans: Sequence[Lifespan] = (), models: Models | None = None
+) -> Litestar:
     """Build the API. ``extra_lifespans`` lets the composition root (the CLI) add, for
-    example, in-process worker threads without the request path importing workers."""
+    example, in-process worker threads without the request path importing workers;
+    ``models`` lets a caller share already-loaded embedding models (tests do)."""
     openapi = OpenAPIConfig(
         title="tenantrag", version="0.1.0", path="/docs",
         render_plugins=[SwaggerRenderPlugin()],
@@ -104,14 +120,18 @@ def create_app(settings: Settings, *, extra_lifespans: Sequence[Lifespan] = ()) 
     )
     return Litestar(
         route_handlers=[healthz, readyz, whoami, list_models, TenantAdminController,
-                        PlatformKeysController, TenantKeysController],
+                        PlatformKeysController, TenantKeysController, KnowledgeBaseController,
+                        retrieve],
         dependencies={
             "tenants": Provide(provide_tenants, sync_to_thread=False),
             "keys": Provide(provide_keys, sync_to_thread=False),
+            "kbs": Provide(provide_kbs, sync_to_thread=False),
+            "documents": Provide(provide_documents, sync_to_thread=False),
+            "search": Provide(provide_search, sync_to_thread=False),
         },
         middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=[_lifespan(settings, extra_lifespans)],
+        lifespan=[_lifespan(settings, extra_lifespans, models)],
         openapi_config=openapi,
         request_max_body_size=settings.server.max_request_bytes,
         state=State({"settings": settings}),

@@ -22,8 +22,8 @@ def platform_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHa
         raise PermissionDeniedError("this route needs the platform operator's key")
 
 
-def requires_scope(scope: Scope) -> Guard:
-    """A guard letting through tenant keys that carry ``scope``."""
+def requires_scope(*scopes: Scope) -> Guard:
+    """A guard letting through tenant keys that carry any of ``scopes``."""
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         user = connection.user
@@ -33,11 +33,12 @@ def requires_scope(scope: Scope) -> Guard:
             )
         if not isinstance(user, TenantPrincipal):
             raise AuthenticationError("an API key is required")
-        if scope not in user.scopes:
+        if not user.scopes.intersection(scopes):
             have = ", ".join(sorted(user.scopes)) or "none"
+            need = " or ".join(repr(s.value) for s in scopes)
             raise PermissionDeniedError(
-                f"this API key lacks the {scope.value!r} scope (it has: {have})",
-                required_scope=scope.value,
+                f"this API key lacks the {need} scope (it has: {have})",
+                required_scope=scopes[0].value if len(scopes) == 1 else [s.value for s in scopes],
             )
 
     return guard

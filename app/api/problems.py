@@ -16,8 +16,10 @@ from app.errors import (
     DomainError,
     InvalidInputError,
     NotFoundError,
+    PayloadTooLargeError,
     PermissionDeniedError,
     ServiceUnavailableError,
+    UnsupportedMediaError,
 )
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,8 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     AuthenticationError: 401,
     PermissionDeniedError: 403,
     ServiceUnavailableError: 503,
+    PayloadTooLargeError: 413,
+    UnsupportedMediaError: 415,
 }
 
 

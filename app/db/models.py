@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
@@ -97,3 +98,106 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = Field(
         default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
     )
+
+
+def _tenant_fk() -> sa.Column[uuid.UUID]:
+    return sa.Column(
+        pg.UUID(as_uuid=True), sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+
+
+def _timestamp(nullable: bool = False) -> sa.Column[datetime]:
+    return sa.Column(sa.DateTime(timezone=True), nullable=nullable)
+
+
+class KnowledgeBase(SQLModel, table=True):
+    """A named set of a tenant's documents; chat can search one or several."""
+
+    __tablename__ = "knowledge_bases"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    name: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
+    description: str = Field(default="", sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class DocumentStatus(enum.StrEnum):
+    """queued -> processing -> ready | failed."""
+
+    queued = "queued"
+    processing = "processing"
+    ready = "ready"
+    failed = "failed"
+
+
+class Document(SQLModel, table=True):
+    """One document of a knowledge base. ``version`` is the newest upload;
+    ``live_version`` the one queries see (None until the first version is ready)."""
+
+    __tablename__ = "documents"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    kb_id: uuid.UUID = Field(
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True),
+            sa.ForeignKey("knowledge_bases.id", ondelete="CASCADE"),
+            nullable=False,
+        )
+    )
+    external_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(256)))
+    filename: str = Field(sa_column=sa.Column(sa.String(512), nullable=False))
+    format: str = Field(sa_column=sa.Column(sa.String(20), nullable=False))
+    size_bytes: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
+    sha256: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
+    doc_metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_column=sa.Column("metadata", pg.JSONB, nullable=False, server_default="{}"),
+    )
+    status: DocumentStatus = Field(
+        default=DocumentStatus.queued, sa_column=sa.Column(sa.String(20), nullable=False)
+    )
+    error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    chunk_count: int | None = None
+    chunks_embedded: int = 0
+    version: int = 1
+    live_version: int | None = None
+    attempts: int = 0
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    queued_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    processing_started_at: datetime | None = Field(default=None, sa_column=_timestamp(True))
+    ready_at: datetime | None = Field(default=None, sa_column=_timestamp(True))
+
+
+class DocumentContent(SQLModel, table=True):
+    """The uploaded bytes of one document version, kept until a newer version is live."""
+
+    __tablename__ = "document_contents"
+
+    document_id: uuid.UUID = Field(
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True),
+            sa.ForeignKey("documents.id", ondelete="CASCADE"),
+            primary_key=True,
+        )
+    )
+    version: int = Field(sa_column=sa.Column(sa.Integer, primary_key=True))
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    data: bytes = Field(sa_column=sa.Column(sa.LargeBinary, nullable=False))
+
+
+class OutboxMessage(SQLModel, table=True):
+    """A message to send to the broker, written in the same transaction as the change
+    that needs it; the relay in workers/ sends it and deletes the row."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
+                                                             primary_key=True))
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    actor: str = Field(sa_column=sa.Column(sa.String(100), nullable=False))
+    args: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())

@@ -102,11 +102,31 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def run_cli(data_dir: Path, *args: str) -> str:
+def run_cli(data_dir: Path, *args: str, expect: int = 0) -> str:
     done = subprocess.run([*CLI, *args], env=clean_env(data_dir), capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
+                          text=True, timeout=300, check=False)
+    assert done.returncode == expect, done.stdout + done.stderr
     return done.stdout
+
+
+def ingest_folder(server: DevServer, data_dir: Path, key: str) -> None:
+    """``tenantrag ingest`` against the running server: progress, then a summary."""
+    auth = {"Authorization": f"Bearer {key}"}
+    kb = httpx.post(f"{server.base}/v1/knowledge-bases", headers=auth, json={"name": "docs"})
+    assert kb.status_code == 201, kb.text
+    folder = data_dir.parent / "to-ingest"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "faq.md").write_text("# FAQ\n\nThe GIRAFFE badge opens door 7.\n")
+    (folder / "sub" / "notes.txt").write_text("Lunch is served at noon.\n")
+    (folder / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    args = ("ingest", str(folder), "--kb", kb.json()["id"], "--key", key, "--url", server.base)
+    out = run_cli(data_dir, *args, expect=1)
+    assert "done: 2" in out and "skipped as duplicate: 0" in out and "failed: 1" in out, out
+    assert "photo.png" in out and "415" in out
+    again = run_cli(data_dir, *args, expect=1)
+    assert "done: 0" in again and "skipped as duplicate: 2" in again, again
+    hits = httpx.post(f"{server.base}/v1/retrieve", headers=auth, json={"query": "GIRAFFE badge"})
+    assert hits.json()["data"][0]["filename"] == "faq.md"
 
 
 def test_dev_starts_serves_stops_and_restarts_on_same_data(data_dir: Path) -> None:
@@ -118,8 +138,11 @@ def test_dev_starts_serves_stops_and_restarts_on_same_data(data_dir: Path) -> No
     out = run_cli(data_dir, "tenants", "create", "acme", "Acme Corp", "--tier", "pro",
                   "--model", "smollm2")
     assert "created tenant acme" in out
-    key = re.search(r"key:\s+(trk_\S+)", run_cli(data_dir, "keys", "create", "acme"))
+    key = re.search(r"key:\s+(trk_\S+)", run_cli(
+        data_dir, "keys", "create", "acme", "--scope", "chat", "--scope", "ingest",
+        "--scope", "admin"))
     assert key, "no key printed"
+    ingest_folder(server, data_dir, key.group(1))
     models = httpx.get(f"{server.base}/v1/models",
                        headers={"Authorization": f"Bearer {key.group(1)}"})
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "smollm2"

@@ -8,6 +8,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.api.factory import create_app
+from app.embeddings import Models
 from app.settings import Settings
 
 Client = AsyncTestClient[Litestar]
@@ -26,12 +27,12 @@ async def test_readyz_reports_each_service(client: Client) -> None:
 
 
 async def test_readyz_is_503_naming_the_failed_service(
-    settings: Settings, tmp_path: Path
+    settings: Settings, models: Models, tmp_path: Path
 ) -> None:
     broken = settings.model_copy(deep=True)
     broken.redis.url = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     broken.qdrant.path = tmp_path / "qdrant"
-    async with AsyncTestClient(app=create_app(broken)) as c:
+    async with AsyncTestClient(app=create_app(broken, models=models)) as c:
         resp = await c.get("/readyz")
     assert resp.status_code == 503
     body = resp.json()

@@ -14,12 +14,28 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.db.engine import Database, make_engine
 from app.settings import Settings
 from tests.support import create_key, create_tenant
 
-TENANT_TABLES = ("tenants", "api_keys")
+# Every table with a tenant_id column, plus the registry itself; found from the catalog
+# so a new table without row-level security fails this file without anyone editing it.
+FIND_TENANT_TABLES = text(
+    "SELECT DISTINCT table_name FROM information_schema.columns "
+    "WHERE table_schema = 'public' AND column_name = 'tenant_id'"
+)
+
+
+@pytest.fixture(scope="module")
+async def tenant_tables(settings: Settings) -> list[str]:
+    engine = create_async_engine(settings.database.owner_url())
+    async with engine.connect() as conn:
+        names = (await conn.execute(FIND_TENANT_TABLES)).scalars().all()
+    await engine.dispose()
+    assert "api_keys" in names
+    return ["tenants", *sorted(names)]
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +56,24 @@ async def two_tenants(
     return uuid.UUID(a["id"]), uuid.UUID(b["id"])
 
 
-async def test_app_role_cannot_bypass_rls(app_db: Database) -> None:
+async def test_app_role_cannot_bypass_rls(app_db: Database, tenant_tables: list[str]) -> None:
     async with app_db.unscoped() as s:
         row = (await s.execute(text(
             "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
         ))).one()
         forced = (await s.execute(text(
             "SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class "
-            "WHERE relname = ANY(:t)"), {"t": list(TENANT_TABLES)})).all()
+            "WHERE relname = ANY(:t) AND relkind = 'r'"), {"t": tenant_tables})).all()
     assert (row.rolsuper, row.rolbypassrls) == (False, False)
-    assert {r.relname for r in forced} == set(TENANT_TABLES)
+    assert {r.relname for r in forced} == set(tenant_tables)
     assert all(r.relrowsecurity and r.relforcerowsecurity for r in forced)
 
 
-async def test_no_tenant_set_sees_no_rows(app_db: Database, two_tenants: object) -> None:
+async def test_no_tenant_set_sees_no_rows(
+    app_db: Database, two_tenants: object, tenant_tables: list[str]
+) -> None:
     async with app_db.unscoped() as s:
-        for table in TENANT_TABLES:
+        for table in tenant_tables:
             count = (await s.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
             assert count == 0, table
             crafted = text(f"SELECT count(*) FROM {table} WHERE true OR 1 = 1")

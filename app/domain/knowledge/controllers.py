@@ -1,0 +1,118 @@
+"""``/v1/knowledge-bases``: knowledge bases and their documents, for the tenant's keys."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+
+from app.api.guards import requires_scope, tenant_of
+from app.api.uploads import read_upload
+from app.auth.keys import Scope
+from app.db.models import DocumentStatus
+from app.domain.knowledge.document_service import DocumentService
+from app.domain.knowledge.kb_service import KnowledgeBaseService
+from app.domain.knowledge.schemas import (
+    DocumentOut,
+    DocumentPage,
+    KnowledgeBaseCreate,
+    KnowledgeBaseList,
+    KnowledgeBaseOut,
+    KnowledgeBaseUpdate,
+    UploadedDocument,
+    UploadResult,
+)
+
+AnyRequest = Request[Any, Any, Any]
+KB_WRITE = requires_scope(Scope.admin)
+KB_READ = requires_scope(Scope.admin, Scope.ingest, Scope.chat)
+DOCS = requires_scope(Scope.admin, Scope.ingest)
+
+
+class KnowledgeBaseController(Controller):
+    """Knowledge bases and documents of the calling key's tenant only."""
+
+    path = "/v1/knowledge-bases"
+    tags = ["knowledge bases"]  # noqa: RUF012
+
+    @post("/", guards=[KB_WRITE], summary="Create a knowledge base")
+    async def create(
+        self, request: AnyRequest, data: JSONBody[KnowledgeBaseCreate],
+        kbs: NamedDependency[KnowledgeBaseService],
+    ) -> KnowledgeBaseOut:
+        return await kbs.create(tenant_of(request), data)
+
+    @get("/", guards=[KB_READ], summary="List knowledge bases")
+    async def list_kbs(
+        self, request: AnyRequest, kbs: NamedDependency[KnowledgeBaseService]
+    ) -> KnowledgeBaseList:
+        return KnowledgeBaseList(data=await kbs.list(tenant_of(request)))
+
+    @get("/{kb_id:uuid}", guards=[KB_READ], summary="Get a knowledge base")
+    async def get_kb(
+        self, request: AnyRequest, kb_id: FromPath[uuid.UUID],
+        kbs: NamedDependency[KnowledgeBaseService],
+    ) -> KnowledgeBaseOut:
+        return await kbs.get(tenant_of(request), kb_id)
+
+    @patch("/{kb_id:uuid}", guards=[KB_WRITE], summary="Rename or re-describe")
+    async def update(
+        self, request: AnyRequest, kb_id: FromPath[uuid.UUID],
+        data: JSONBody[KnowledgeBaseUpdate], kbs: NamedDependency[KnowledgeBaseService],
+    ) -> KnowledgeBaseOut:
+        return await kbs.update(tenant_of(request), kb_id, data)
+
+    @delete("/{kb_id:uuid}", guards=[KB_WRITE], summary="Delete with all its documents")
+    async def delete_kb(
+        self, request: AnyRequest, kb_id: FromPath[uuid.UUID],
+        kbs: NamedDependency[KnowledgeBaseService],
+    ) -> None:
+        await kbs.delete(tenant_of(request), kb_id)
+
+    @post("/{kb_id:uuid}/documents", guards=[DOCS], summary="Upload documents",
+          description="multipart/form-data with one or more `file` parts and optional "
+          "`metadata` (JSON object) and `external_id`; or application/json "
+          '`{"text", "filename", "external_id", "metadata"}`; or a raw text/* body with '
+          "`?filename=&external_id=`. 202 when something was queued, 200 when every file "
+          "was already there (same bytes).")
+    async def upload(
+        self, request: AnyRequest, kb_id: FromPath[uuid.UUID],
+        documents: NamedDependency[DocumentService],
+    ) -> Response[UploadResult]:
+        upload = await read_upload(request)
+        files = documents.check_files(upload.files, upload.external_id)
+        outcomes = await documents.upload(
+            tenant_of(request), kb_id, files, upload.external_id, upload.metadata)
+        data = [UploadedDocument(**DocumentOut.model_validate(o.document).model_dump(),
+                                 duplicate=o.duplicate) for o in outcomes]
+        status = 200 if all(o.duplicate for o in outcomes) else 202
+        return Response(UploadResult(data=data), status_code=status)
+
+    @get("/{kb_id:uuid}/documents", guards=[DOCS], summary="List documents")
+    async def list_documents(
+        self, request: AnyRequest, kb_id: FromPath[uuid.UUID],
+        documents: NamedDependency[DocumentService],
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 100,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        status: FromQuery[DocumentStatus | None] = None,
+    ) -> DocumentPage:
+        rows, total = await documents.list(tenant_of(request), kb_id, limit, offset, status)
+        return DocumentPage(data=[DocumentOut.model_validate(d) for d in rows],
+                            total=total, limit=limit, offset=offset)
+
+    @get("/{kb_id:uuid}/documents/{doc_id:uuid}", guards=[DOCS], summary="Get a document")
+    async def get_document(
+        self, request: AnyRequest, kb_id: FromPath[uuid.UUID], doc_id: FromPath[uuid.UUID],
+        documents: NamedDependency[DocumentService],
+    ) -> DocumentOut:
+        return DocumentOut.model_validate(await documents.get(tenant_of(request), kb_id, doc_id))
+
+    @delete("/{kb_id:uuid}/documents/{doc_id:uuid}", guards=[DOCS], summary="Delete a document")
+    async def delete_document(
+        self, request: AnyRequest, kb_id: FromPath[uuid.UUID], doc_id: FromPath[uuid.UUID],
+        documents: NamedDependency[DocumentService],
+    ) -> None:
+        await documents.delete(tenant_of(request), kb_id, doc_id)

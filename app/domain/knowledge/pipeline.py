@@ -1,0 +1,242 @@
+"""The ingestion pipeline a worker runs for one document version.
+
+claim (queued -> processing) -> parse -> chunk -> embed -> upsert points with ids derived
+from (document, version, chunk index) -> publish: the new version becomes live in one
+transaction -> delete the older versions' points. Re-running any step is harmless: the
+point ids are deterministic and publish checks that this version is still the newest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlmodel import col, delete, update
+
+from app.db.engine import Database
+from app.db.models import Document, DocumentContent, DocumentStatus, utcnow
+from app.embeddings import Models
+from app.outbox import DELETE_STALE_VERSIONS, enqueue
+from app.settings import IngestSettings
+from ingestion import (
+    Chunk,
+    ChunkingConfig,
+    IngestionError,
+    chunk_document,
+    parse_document,
+)
+from retrieval.batching import EmbeddingBatcher
+from retrieval.vectorstore import ChunkPoint, PointFilter, VectorStore
+
+log = logging.getLogger(__name__)
+POINT_NAMESPACE = uuid.UUID("8f4d1c1e-7b0a-4c55-9f57-2d0c6a3e5b11")
+SNIPPET_METADATA = (str, int, bool)
+UPSERT_BATCH = 32
+_TRY_LOCK = text("SELECT pg_try_advisory_lock(:k)")
+_UNLOCK = text("SELECT pg_advisory_unlock(:k)")
+
+
+def lease_key(document_id: uuid.UUID) -> int:
+    """The advisory-lock key of a document: its first 64 bits as a signed bigint, the same
+    as ``LEASE_KEY_SQL`` computes in PostgreSQL (the sweeper checks leases there)."""
+    top = document_id.int >> 64
+    return top - (1 << 64) if top >= (1 << 63) else top
+
+
+LEASE_KEY_SQL = "('x' || translate({column}::text, '-', ''))::bit(64)::bigint"
+
+
+def point_id(document_id: uuid.UUID, version: int, index: int) -> uuid.UUID:
+    """The same chunk of the same version always gets the same id (no duplicates)."""
+    return uuid.uuid5(POINT_NAMESPACE, f"{document_id}:{version}:{index}")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A document version this worker now owns, with its bytes."""
+
+    document: Document
+    data: bytes
+
+
+class IngestPipeline:
+    """Runs one document version end to end; transient failures raise (to be retried)."""
+
+    def __init__(self, db: Database, store: VectorStore, models: Models,
+                 settings: IngestSettings, batcher: EmbeddingBatcher | None = None) -> None:
+        self.db = db
+        self.store = store
+        self.models = models
+        # Workers pass a batcher that merges concurrent documents into large model calls.
+        self.batcher = batcher
+        self.embed = batcher.embed if batcher else models.dense.embed
+        self.settings = settings
+        self.chunking = ChunkingConfig(max_tokens=settings.chunk_max_tokens,
+                                       overlap_tokens=settings.chunk_overlap_tokens)
+
+    async def run(self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int) -> None:
+        """Ingest ``version`` of the document, unless it is gone, superseded, done, or
+        being processed right now by another live worker."""
+        async with self._lease(document_id) as owned:
+            if not owned:
+                log.info("document %s is being processed by another worker", document_id)
+                return
+            with self.batcher.participant() if self.batcher else nullcontext():
+                await self._run_owned(tenant_id, document_id, version)
+
+    @asynccontextmanager
+    async def _lease(self, document_id: uuid.UUID) -> AsyncIterator[bool]:
+        """A PostgreSQL advisory lock held on its own connection while we work: a worker
+        that dies loses its connection and so its lease, and the next delivery of the
+        message (or the sweeper's re-send) can take over at once; a duplicate delivery
+        while the owner is alive does nothing."""
+        key = lease_key(document_id)
+        async with self.db.engine.connect() as conn:
+            owned = bool(await conn.scalar(_TRY_LOCK, {"k": key}))
+            try:
+                yield owned
+            finally:
+                if owned:
+                    await conn.execute(_UNLOCK, {"k": key})
+                await conn.rollback()
+
+    async def _run_owned(self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int) -> None:
+        claimed = await self.claim(tenant_id, document_id, version)
+        if claimed is None:
+            return
+        doc = claimed.document
+        try:
+            chunks = await asyncio.to_thread(self._chunk, claimed.data, doc.format)
+        except IngestionError as exc:
+            await self.fail(tenant_id, document_id, version, f"{type(exc).__name__}: {exc}")
+            return
+        await self._progress(tenant_id, doc, chunk_count=len(chunks), embedded=0)
+        for start in range(0, len(chunks), UPSERT_BATCH):
+            # Batches bound memory on big documents; a crash leaves a prefix of points
+            # that the next attempt overwrites (same ids), never duplicates.
+            batch = chunks[start:start + UPSERT_BATCH]
+            await self.store.upsert(tenant_id, await asyncio.to_thread(self._points, doc, batch))
+            await self._progress(tenant_id, doc, embedded=start + len(batch))
+        if not await self.publish(tenant_id, document_id, version, len(chunks)):
+            # Deleted or superseded while we worked: no reader can match these points.
+            await self.store.delete(tenant_id, PointFilter(document_id=document_id,
+                                                           version=version))
+            return
+        log.info("document %s v%d ready: %d chunks", document_id, version, len(chunks))
+
+    async def claim(
+        self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int
+    ) -> Claimed | None:
+        """Move the version to ``processing``; None if there is nothing to do."""
+        async with self.db.tenant(tenant_id) as session:
+            doc = await session.get(Document, document_id, with_for_update=True)
+            if doc is None or doc.version != version or doc.status == DocumentStatus.failed:
+                return None
+            if doc.status == DocumentStatus.ready and doc.live_version == version:
+                return None
+            if doc.attempts >= self.settings.max_attempts:
+                _mark_failed(doc, f"gave up after {doc.attempts} attempts; last error: "
+                                  f"{doc.error or 'the worker stopped while processing it'}")
+                session.add(doc)
+                return None
+            content = await session.get(DocumentContent, (document_id, version))
+            if content is None:
+                _mark_failed(doc, "the uploaded bytes of this version are missing")
+                session.add(doc)
+                return None
+            doc.status, doc.attempts = DocumentStatus.processing, doc.attempts + 1
+            doc.processing_started_at = doc.updated_at = utcnow()
+            session.add(doc)
+            return Claimed(document=doc, data=content.data)
+
+    async def _progress(self, tenant_id: uuid.UUID, doc: Document, **values: int) -> None:
+        """Show admins how far processing is (chunks found, chunks embedded so far)."""
+        columns = {("chunks_embedded" if k == "embedded" else k): v for k, v in values.items()}
+        stmt = (update(Document)
+                .where(col(Document.id) == doc.id, col(Document.version) == doc.version)
+                .values(**columns, updated_at=utcnow()))
+        async with self.db.tenant(tenant_id) as session:
+            await (await session.connection()).execute(stmt)
+
+    async def publish(
+        self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int, chunk_count: int
+    ) -> bool:
+        """Make ``version`` the live one atomically and queue the older versions' points
+        for deletion after a grace period; False if this version is no longer wanted."""
+        async with self.db.tenant(tenant_id) as session:
+            doc = await session.get(Document, document_id, with_for_update=True)
+            if doc is None or doc.version != version:
+                return False
+            first_stale = doc.live_version or 1
+            doc.live_version, doc.chunk_count = version, chunk_count
+            doc.chunks_embedded = chunk_count
+            doc.status = DocumentStatus.ready
+            doc.error, doc.ready_at = None, utcnow()
+            doc.updated_at = doc.ready_at
+            session.add(doc)
+            await (await session.connection()).execute(delete(DocumentContent).where(
+                col(DocumentContent.document_id) == document_id,
+                col(DocumentContent.version) < version,
+            ))
+            if first_stale < version:
+                enqueue(session, tenant_id, DELETE_STALE_VERSIONS, document_id=str(document_id),
+                        versions=list(range(first_stale, version)))
+        return True
+
+    async def fail(
+        self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int, reason: str
+    ) -> None:
+        """Permanent failure: ``failed`` with a reason an admin can read; no retry."""
+        async with self.db.tenant(tenant_id) as session:
+            doc = await session.get(Document, document_id, with_for_update=True)
+            if doc is not None and doc.version == version:
+                _mark_failed(doc, reason)
+                session.add(doc)
+        log.warning("document %s v%d failed: %s", document_id, version, reason)
+
+    async def note_transient_error(
+        self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int, reason: str
+    ) -> None:
+        """Record why an attempt failed (it will be retried) so admins can see it."""
+        async with self.db.tenant(tenant_id) as session:
+            doc = await session.get(Document, document_id, with_for_update=True)
+            if doc is not None and doc.version == version and doc.status != DocumentStatus.ready:
+                doc.error = f"attempt {doc.attempts} failed, will retry: {reason}"[:2000]
+                doc.status, doc.updated_at = DocumentStatus.queued, utcnow()
+                doc.queued_at = doc.updated_at
+                session.add(doc)
+
+    def _chunk(self, data: bytes, fmt: str) -> list[Chunk]:
+        parsed = parse_document(data, fmt)  # type: ignore[arg-type]
+        return chunk_document(parsed, self.models.counter, self.chunking)
+
+    def _points(self, doc: Document, chunks: list[Chunk]) -> list[ChunkPoint]:
+        texts = [c.text for c in chunks]
+        dense = self.embed(texts)
+        sparse = self.models.sparse.encode_documents(texts)
+        meta = {k: v for k, v in doc.doc_metadata.items() if isinstance(v, SNIPPET_METADATA)}
+        return [
+            ChunkPoint(id=point_id(doc.id, doc.version, c.index), dense=d, sparse=s,
+                       payload=_payload(doc, c, meta))
+            for c, d, s in zip(chunks, dense, sparse, strict=True)
+        ]
+
+
+def _payload(doc: Document, chunk: Chunk, meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kb_id": str(doc.kb_id), "document_id": str(doc.id), "version": doc.version,
+        "chunk_index": chunk.index, "text": chunk.text, "start": chunk.start, "end": chunk.end,
+        "page": chunk.page, "heading_path": list(chunk.heading_path),
+        "filename": doc.filename, "meta": meta,
+    }
+
+
+def _mark_failed(doc: Document, reason: str) -> None:
+    doc.status, doc.error = DocumentStatus.failed, reason[:2000]
+    doc.updated_at = utcnow()

@@ -1,0 +1,1 @@
+"""Search over the tenant's live documents (hybrid dense + BM25)."""

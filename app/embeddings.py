@@ -1,0 +1,39 @@
+"""The text models the service shares: dense embedder, BM25 encoder, chunking tokenizer.
+
+Loaded once per process (the API's lifespan or a worker's start-up), never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.settings import IngestSettings
+from ingestion import TokenCounter, load_token_counter
+from retrieval.embedding import DenseEmbedder, EmbeddingConfig, SparseEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Models:
+    """What turns text into vectors, and counts its tokens for chunking."""
+
+    dense: DenseEmbedder
+    sparse: SparseEncoder
+    counter: TokenCounter
+
+
+def load_models(settings: IngestSettings) -> Models:
+    """Load the configured embedding model (offline) and its tokenizer."""
+    started = time.monotonic()
+    dense = DenseEmbedder(EmbeddingConfig(
+        model=settings.embedding_model, device=settings.embedding_device,
+        batch_size=settings.embedding_batch_size,
+    ))
+    model_dir = Path(settings.embedding_model) if settings.embedding_model else None
+    counter = load_token_counter(model_dir)
+    log.info("loaded embedding model %s in %.1fs", dense.model_name, time.monotonic() - started)
+    return Models(dense=dense, sparse=SparseEncoder(), counter=counter)

@@ -1,0 +1,175 @@
+"""End-to-end ingestion throughput vs raw ``model.encode`` on the same chunks, one run.
+
+    .venv/bin/python bench/ingest_throughput.py [--docs 40] [--paragraphs 30]
+
+Uses DATABASE_URL/REDIS_URL when set, else starts the embedded stack in a temp folder.
+Pipeline = upload (one transaction each) -> outbox relay -> Redis broker -> Dramatiq worker
+threads -> parse -> chunk -> embed (dense + BM25) -> upsert into the embedded vector store
+-> publish. Raw = the embedding model's encode alone on exactly the chunk texts the
+pipeline produced. Raw is measured before and after the pipeline; their mean is the base.
+Target (issue 3): pipeline >= 85% of raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from app.db.engine import Database, make_engine
+from app.db.migrate import migrate
+from app.db.models import Document, Tenant, Tier
+from app.domain.knowledge.document_service import DocumentService, IncomingFile
+from app.domain.knowledge.kb_service import KnowledgeBaseService
+from app.domain.knowledge.schemas import KnowledgeBaseCreate
+from app.embedded import EmbeddedStack
+from app.embeddings import Models, load_models
+from app.settings import (
+    DatabaseSettings,
+    IngestSettings,
+    QdrantSettings,
+    RedisSettings,
+    ServerSettings,
+    Settings,
+    WorkerSettings,
+)
+from ingestion import chunk_document, parse_document
+from workers.broker import setup_broker, start_worker
+from workers.runtime import WorkerRuntime
+
+WORDS = [
+    "policy", "employee", "laptop", "travel", "expense", "invoice", "security", "password",
+    "network", "office", "holiday", "budget", "report", "meeting", "customer", "contract",
+    "support", "release", "server", "backup", "training", "onboarding", "payroll", "vendor",
+    "audit", "compliance", "incident", "access", "badge",
+]
+
+
+def corpus(docs: int, paragraphs: int, seed: int = 7) -> list[bytes]:
+    """Deterministic English-like documents with headings (markdown)."""
+    rng = random.Random(seed)  # noqa: S311  (reproducible text, not security)
+    out = []
+    for d in range(docs):
+        parts = [f"# Handbook part {d}"]
+        for p in range(paragraphs):
+            if p % 6 == 0:
+                parts.append(f"## Section {p // 6}")
+            sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 70)))
+            parts.append(f"Rule {d}.{p}: {sentence}.")
+        out.append("\n\n".join(parts).encode())
+    return out
+
+
+def raw_encode(models: Models, texts: list[str]) -> float:
+    """Chunks per second of the model alone (batched as the pipeline batches)."""
+    started = time.perf_counter()
+    models.dense.embed(texts)
+    return len(texts) / (time.perf_counter() - started)
+
+
+async def scratch_db(owner_url: str) -> str:
+    name = f"tenantrag_bench_{uuid.uuid4().hex[:8]}"
+    dsn = "postgresql://" + owner_url.partition("://")[2]
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    return urlunsplit(urlsplit(owner_url)._replace(path=f"/{name}"))
+
+
+async def pipeline_run(settings: Settings, models: Models, docs: list[bytes]) -> tuple[float, int]:
+    """Chunks per second through upload + worker, and the number of chunks."""
+    await migrate(settings.database)
+    db = Database(make_engine(settings.database.application_url(), settings.database))
+    async with db.platform() as s:
+        tenant = Tenant(slug="bench", name="Bench", tier=Tier.enterprise)
+        s.add(tenant)
+    kb = await KnowledgeBaseService(db).create(tenant.id, KnowledgeBaseCreate(name="bench"))
+    service = DocumentService(db, settings.ingest)
+    broker = setup_broker(settings)
+    runtime = WorkerRuntime(settings, broker, models=models)
+    await asyncio.to_thread(runtime.start)
+    worker = start_worker(broker, settings.worker.threads)
+    started = time.perf_counter()
+    for i, data in enumerate(docs):
+        files = service.check_files([IncomingFile(f"doc{i}.md", data)], None)
+        await service.upload(tenant.id, kb.id, files)
+    chunks = await wait_all_ready(db, tenant.id, len(docs))
+    elapsed = time.perf_counter() - started
+    await asyncio.to_thread(worker.stop, 10_000)
+    await asyncio.to_thread(runtime.stop)
+    broker.close()
+    await db.close()
+    return chunks / elapsed, chunks
+
+
+async def wait_all_ready(db: Database, tenant_id: uuid.UUID, expected: int) -> int:
+    """Poll cheaply (one aggregate row) so the bench itself takes no CPU from the workers."""
+    query = select(func.count(), func.coalesce(func.sum(Document.chunk_count), 0)).where(
+        col(Document.status).in_(["ready", "failed"]))
+    while True:
+        async with db.tenant(tenant_id) as s:
+            done, chunks = (await s.exec(query)).one()
+        if done == expected:
+            return int(chunks or 0)
+        await asyncio.sleep(0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=40)
+    parser.add_argument("--paragraphs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=WorkerSettings().threads)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="tenantrag-bench-"))
+    stack = None
+    try:
+        db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
+        if not (db_url and redis_url):
+            stack = EmbeddedStack(folder / "stack")
+            endpoints = stack.start()
+            db_url, redis_url = endpoints.database_url, endpoints.redis_url
+        run(args, folder, db_url, redis_url)
+    finally:
+        if stack is not None:
+            stack.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, folder: Path, db_url: str, redis_url: str) -> None:
+    ingest = IngestSettings()
+    models = load_models(ingest)
+    docs = corpus(args.docs, args.paragraphs)
+    texts = [c.text for d in docs
+             for c in chunk_document(parse_document(d, "markdown"), models.counter)]
+    models.dense.embed(texts[:64])  # warm-up
+    raw_before = raw_encode(models, texts)
+    url = asyncio.run(scratch_db(DatabaseSettings(url=db_url).owner_url()))
+    settings = Settings(
+        server=ServerSettings(env="test", data_dir=folder),
+        database=DatabaseSettings(url=url), redis=RedisSettings(url=redis_url),
+        qdrant=QdrantSettings(path=folder / "qdrant"), ingest=ingest,
+        worker=WorkerSettings(threads=args.threads, namespace=f"bench-{uuid.uuid4().hex[:6]}"),
+    )
+    piped, chunks = asyncio.run(pipeline_run(settings, models, docs))
+    raw_after = raw_encode(models, texts)
+    raw = (raw_before + raw_after) / 2
+    assert chunks == len(texts), (chunks, len(texts))
+    print(f"chunks: {chunks} from {len(docs)} documents; worker threads: {args.threads}")
+    print(f"raw model.encode: {raw:.1f} chunks/s (before {raw_before:.1f}, after {raw_after:.1f})")
+    print(f"pipeline end to end: {piped:.1f} chunks/s")
+    print(f"ratio pipeline/raw: {piped / raw:.1%} (target >= 85%)")
+
+
+if __name__ == "__main__":
+    main()

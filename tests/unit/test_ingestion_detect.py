@@ -1,0 +1,96 @@
+"""Format detection: content decides, names and declared types only break ties."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingestion import EmptyDocumentError, UnsupportedFormatError, detect_format
+from tests.unit.test_ingestion_samples import HTML, MARKDOWN, SAMPLES, TEXT, make_zip
+
+PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x06"
+ELF_HEADER = b"\x7fELF\x02\x01\x01\x00" + bytes(8) + b"\x02\x00\x3e\x00\x01\x00\x00\x00" + bytes(40)
+
+
+def test_a_pdf_named_txt_is_a_pdf() -> None:
+    pdf, _ = SAMPLES["pdf"]
+    assert detect_format(pdf, "notes.txt", "text/plain") == "pdf"
+
+
+def test_text_named_pdf_is_not_trusted_to_be_a_pdf() -> None:
+    assert detect_format(TEXT, "report.pdf", "application/pdf") == "text"
+
+
+def test_a_docx_is_detected_by_its_word_document_entry() -> None:
+    docx_bytes, _ = SAMPLES["docx"]
+    assert detect_format(docx_bytes, "upload.bin", "application/octet-stream") == "docx"
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (PNG_HEADER, "image/png"),
+        (ELF_HEADER, "executable"),
+        (make_zip(["readme.txt", "src/main.c"]), "ZIP archive"),
+        (make_zip(["[Content_Types].xml", "xl/workbook.xml"]), "Excel"),
+        (bytes(range(256)) * 4, "binary"),
+        (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(1024), "legacy Microsoft Office"),
+        (b"{\\rtf1\\ansi Hello}", "RTF"),
+    ],
+    ids=["png", "elf", "plain-zip", "xlsx", "random-binary", "ole2-doc", "rtf"],
+)
+def test_other_files_are_unsupported_and_the_message_names_them(data: bytes, named: str) -> None:
+    with pytest.raises(UnsupportedFormatError, match=named):
+        detect_format(data, "document.docx")
+
+
+def test_a_damaged_zip_named_docx_goes_to_the_parser_to_be_failed_as_corrupt() -> None:
+    docx_bytes, _ = SAMPLES["docx"]
+    truncated = docx_bytes[: len(docx_bytes) // 2]
+    assert detect_format(truncated, "contract.docx") == "docx"
+    with pytest.raises(UnsupportedFormatError, match="ZIP"):
+        detect_format(truncated)
+
+
+def test_zero_bytes_is_empty() -> None:
+    with pytest.raises(EmptyDocumentError):
+        detect_format(b"", "empty.txt")
+
+
+def test_html_is_sniffed_from_content() -> None:
+    assert detect_format(HTML) == "html"
+    assert detect_format(b"  <p>Just a fragment</p>", "fragment.txt") == "html"
+    assert detect_format(b"<?xml version='1.0'?>\n<html><body>x</body></html>") == "html"
+
+
+def test_markdown_is_recognised_by_its_signals_or_its_extension() -> None:
+    assert detect_format(MARKDOWN) == "markdown"
+    assert detect_format(b"Plain words only.", "notes.md") == "markdown"
+    assert detect_format(b"Plain words only.", None, "text/markdown; charset=utf-8") == "markdown"
+    assert detect_format(b"Plain words only.\n\nNothing marked up.") == "text"
+
+
+def test_markdown_opening_with_inline_html_stays_markdown() -> None:
+    readme = b'<div align="center"><img src="logo.png"></div>\n\n# Project\n\nText.\n'
+    assert detect_format(readme, "README.md") == "markdown"
+
+
+def test_an_explicit_txt_extension_keeps_markdown_signals_as_text() -> None:
+    assert detect_format(b"# not a heading, a comment\nvalue = 1\n", "config.txt") == "text"
+
+
+def test_json_counts_as_text_even_when_it_contains_markdown() -> None:
+    data = b'{"readme": "# Title\\n\\nSee [docs](https://example.com)"}'
+    assert detect_format(data) == "text"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "Café crème, naïve façade.".encode("utf-16"),
+        b"\xef\xbb\xbf" + "Café crème".encode(),
+        ("Café crème brûlée à la française, déjà vu. " * 20).encode("cp1252"),
+    ],
+    ids=["utf-16-bom", "utf-8-bom", "cp1252"],
+)
+def test_text_in_other_encodings_is_still_text(data: bytes) -> None:
+    assert detect_format(data) == "text"

@@ -1,0 +1,136 @@
+"""A worker process's long-lived clients and background loops.
+
+Dramatiq runs actors in plain threads; our services are async. The runtime owns one
+event loop in a thread of its own, with the database pool, vector store and models
+built once; actors hand it coroutines with :meth:`WorkerRuntime.call`. The same loop
+runs the outbox relay and the stuck-document sweeper.
+
+Actors find the runtime through :func:`current` (one per process, set by ``start``):
+like Dramatiq's own global broker, it is process-wide by nature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import dramatiq
+
+from app.db.engine import Database, make_engine
+from app.domain.knowledge.pipeline import IngestPipeline
+from app.domain.knowledge.sweeper import StuckDocumentSweeper
+from app.embeddings import Models, load_models
+from app.outbox import DELETE_STALE_VERSIONS, INGEST_DOCUMENT
+from app.settings import Settings
+from app.stores import vector_store_config
+from retrieval.batching import EmbeddingBatcher
+from retrieval.vectorstore import VectorStore, open_vector_store
+from workers.relay import OutboxRelay
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_current: WorkerRuntime | None = None
+
+
+def current() -> WorkerRuntime:
+    """The running runtime of this process (actors call this)."""
+    if _current is None:
+        raise RuntimeError("the worker runtime is not started in this process")
+    return _current
+
+
+class WorkerRuntime:
+    """Event loop + clients for actors, and the relay/sweeper background loops."""
+
+    def __init__(self, settings: Settings, broker: dramatiq.Broker,
+                 store: VectorStore | None = None, models: Models | None = None) -> None:
+        self.settings = settings
+        self.broker = broker
+        self._given_store = store
+        self._models = models
+        self._loop = asyncio.new_event_loop()
+        # The pipeline's blocking steps (chunking, embedding) run via asyncio.to_thread; the
+        # default pool (cores + 4 threads) would cap the documents in flight, and with them
+        # the size of the embedding batches.
+        self._loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.worker.threads + 4, thread_name_prefix="pipeline"))
+        self._thread = threading.Thread(target=self._loop.run_forever, name="worker-runtime",
+                                        daemon=True)
+        self._stack = AsyncExitStack()
+        self._background: list[concurrent.futures.Future[None]] = []
+        self.db: Database
+        self.store: VectorStore
+        self.pipeline: IngestPipeline
+
+    def start(self) -> None:
+        """Load models, open clients, start the relay and sweeper, become ``current()``."""
+        global _current
+        models = self._models or load_models(self.settings.ingest)
+        self._thread.start()
+        self.call(self._open(models))
+        self._background = [
+            asyncio.run_coroutine_threadsafe(self._every(
+                self.settings.ingest.relay_interval_s, self._relay.relay_once), self._loop),
+            asyncio.run_coroutine_threadsafe(self._every(
+                self.settings.ingest.sweep_interval_s, self._sweeper.sweep), self._loop),
+        ]
+        _current = self
+
+    def call(self, work: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the runtime's loop from an actor thread; wait for it."""
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        """Stop background loops, close clients we opened, stop the loop."""
+        global _current
+        if _current is self:
+            _current = None
+        for future in self._background:
+            future.cancel()
+        if self._thread.is_alive():
+            self.call(self._stack.aclose(), timeout=30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    async def _open(self, models: Models) -> None:
+        s = self.settings
+        # Each document in flight holds one connection for its lease and uses another for
+        # its transactions; a smaller pool would make worker threads wait on each other.
+        needed = 2 * s.worker.threads + 2
+        pool = s.database.model_copy(update={"pool_size": max(s.database.pool_size, needed)})
+        self.db = Database(make_engine(s.database.application_url(), pool))
+        self._stack.push_async_callback(self.db.close)
+        if self._given_store is None:
+            self.store = open_vector_store(vector_store_config(s))
+            self._stack.push_async_callback(self.store.close)
+        else:
+            self.store = self._given_store  # embedded mode: the API process's own store
+        batcher = EmbeddingBatcher(models.dense.embed, max_batch=s.ingest.coalesce_max_texts,
+                                   max_wait_s=s.ingest.coalesce_wait_s)
+        self._stack.callback(batcher.close)
+        self.pipeline = IngestPipeline(self.db, self.store, models, s.ingest, batcher)
+        self._relay = OutboxRelay(self.db, self.broker, {
+            INGEST_DOCUMENT: {"time_limit": s.ingest.message_time_limit_s * 1000},
+            DELETE_STALE_VERSIONS: {"delay": int(s.ingest.stale_version_grace_s * 1000)},
+        })
+        self._sweeper = StuckDocumentSweeper(self.db, s.ingest)
+
+    @staticmethod
+    async def _every(interval: float, work: Callable[[], Awaitable[int]]) -> None:
+        """Run ``work`` forever; back off after errors (e.g. PostgreSQL restarting)."""
+        while True:
+            delay = interval
+            try:
+                if await work():
+                    delay = 0  # more may be waiting
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background loop %s failed; retrying", work.__qualname__)
+                delay = max(interval, 2.0)
+            await asyncio.sleep(delay)
