@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import zipfile
 
@@ -10,12 +11,12 @@ from fpdf import FPDF
 
 
 def make_pdf(pages: list[str]) -> bytes:
-    """A PDF with one page per string (text really extractable)."""
+    """A PDF with one page per text (fpdf2, core font; text really extractable)."""
     pdf = FPDF()
-    pdf.set_font("helvetica", size=12)
+    pdf.set_font("helvetica", size=11)
     for text in pages:
         pdf.add_page()
-        pdf.multi_cell(0, 8, text)
+        pdf.multi_cell(0, 6, text)
     return bytes(pdf.output())
 
 
@@ -45,13 +46,17 @@ def make_html(title: str, body: str) -> bytes:
     ).encode()
 
 
-def make_docx_bomb(uncompressed_mb: int = 300) -> bytes:
-    """A zip that claims to be a DOCX and inflates to hundreds of MB of zeros."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("[Content_Types].xml", "<Types/>")
-        with zf.open("word/document.xml", "w") as member:
-            block = b"\0" * 2**20
-            for _ in range(uncompressed_mb):
-                member.write(block)
-    return buf.getvalue()
+@functools.cache
+def make_docx_bomb(size: int = 300 * 2**20) -> bytes:
+    """A ZIP claiming to be a DOCX whose word/document.xml inflates to ``size`` zero bytes.
+
+    Written 1 MiB at a time, so building it never holds the inflated data in memory.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        archive.writestr("[Content_Types].xml", "<Types/>")
+        with archive.open("word/document.xml", "w", force_zip64=True) as entry:
+            block = bytes(2**20)
+            for _ in range(size // len(block)):
+                entry.write(block)
+    return buffer.getvalue()

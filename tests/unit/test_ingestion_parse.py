@@ -15,15 +15,14 @@ from ingestion import (
     detect_format,
     parse_document,
 )
+from tests.files import make_docx_bomb, make_pdf
 from tests.unit.test_ingestion_samples import (
     HTML,
     JSON_TEXT,
     MARKDOWN,
     SAMPLES,
     TEXT,
-    make_docx_bomb,
     make_encrypted_pdf,
-    make_pdf,
     pdf_pages,
 )
 

@@ -6,7 +6,6 @@ the tests in this module check that each sample is what it claims to be.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import random
@@ -14,10 +13,10 @@ import zipfile
 
 import docx
 import pytest
-from fpdf import FPDF
 from pypdf import PdfReader, PdfWriter
 
 from ingestion import Format, detect_format
+from tests.files import make_docx_bomb, make_pdf
 
 PAGE_TOPICS = ("apples", "bridges", "comets")
 
@@ -31,16 +30,6 @@ def pdf_pages(count: int = 3, sentences: int = 20) -> list[str]:
         )
         for number in range(1, count + 1)
     ]
-
-
-def make_pdf(pages: list[str]) -> bytes:
-    """A PDF with one page per text (fpdf2, core font)."""
-    pdf = FPDF()
-    pdf.set_font("helvetica", size=11)
-    for text in pages:
-        pdf.add_page()
-        pdf.multi_cell(0, 6, text)
-    return bytes(pdf.output())
 
 
 def make_encrypted_pdf(user_password: str) -> bytes:
@@ -152,22 +141,6 @@ def markdown_with_long_section() -> bytes:
     return (
         f"# Guide\n\n## Details\n\n{long_paragraph()}\n\n## Summary\n\nShort summary.\n"
     ).encode()
-
-
-@functools.cache
-def make_docx_bomb(size: int = 300 * 2**20) -> bytes:
-    """A ZIP whose word/document.xml inflates to ``size`` zero bytes.
-
-    Written 1 MiB at a time, so building it never holds the inflated data in memory.
-    """
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        archive.writestr("[Content_Types].xml", "<Types/>")
-        with archive.open("word/document.xml", "w", force_zip64=True) as entry:
-            block = bytes(2**20)
-            for _ in range(size // len(block)):
-                entry.write(block)
-    return buffer.getvalue()
 
 
 def make_zip(names: list[str]) -> bytes:
