@@ -37,3 +37,13 @@ def load_models(settings: IngestSettings) -> Models:
     counter = load_token_counter(model_dir)
     log.info("loaded embedding model %s in %.1fs", dense.model_name, time.monotonic() - started)
     return Models(dense=dense, sparse=SparseEncoder(), counter=counter)
+
+
+def check_vector_size(models: Models, dense_dim: int) -> None:
+    """Refuse to start when the model's vectors do not fit the vector store's collections."""
+    if models.dense.dim != dense_dim:
+        raise ValueError(
+            f"the embedding model {models.dense.model_name} gives {models.dense.dim}-dimensional "
+            f"vectors but QDRANT_DENSE_DIM is {dense_dim}; set QDRANT_DENSE_DIM="
+            f"{models.dense.dim} (a new dimension needs new collections: re-ingest)"
+        )

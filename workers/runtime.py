@@ -24,7 +24,7 @@ import dramatiq
 from app.db.engine import Database, make_engine
 from app.domain.knowledge.pipeline import IngestPipeline
 from app.domain.knowledge.sweeper import StuckDocumentSweeper
-from app.embeddings import Models, load_models
+from app.embeddings import Models, check_vector_size, load_models
 from app.outbox import DELETE_STALE_VERSIONS, INGEST_DOCUMENT
 from app.settings import Settings
 from app.stores import vector_store_config
@@ -71,6 +71,7 @@ class WorkerRuntime:
         """Load models, open clients, start the relay and sweeper, become ``current()``."""
         global _current
         models = self._models or load_models(self.settings.ingest)
+        check_vector_size(models, self.settings.qdrant.dense_dim)
         self._thread.start()
         self.call(self._open(models))
         self._background = [

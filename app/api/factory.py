@@ -31,7 +31,7 @@ from app.domain.system.controllers import healthz, readyz
 from app.domain.tenant_self.controllers import list_models, whoami
 from app.domain.tenants.controllers import TenantAdminController
 from app.domain.tenants.service import TenantService
-from app.embeddings import Models, load_models
+from app.embeddings import Models, check_vector_size, load_models
 from app.settings import Settings
 from app.stores import vector_store_config
 from retrieval.vectorstore import open_vector_store
@@ -61,7 +61,9 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             stack.push_async_callback(redis.aclose)
             vector_store = open_vector_store(vector_store_config(settings))
             stack.push_async_callback(vector_store.close)
-            loaded = models or await asyncio.to_thread(load_models, settings.ingest)
+            loaded = models if models is not None else await asyncio.to_thread(
+                load_models, settings.ingest)
+            check_vector_size(loaded, settings.qdrant.dense_dim)
             admin_key = settings.auth.platform_admin_key
             app.state.update(
                 db=db, redis=redis, vector_store=vector_store, models=loaded,

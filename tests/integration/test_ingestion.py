@@ -12,6 +12,7 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from app.embeddings import Models, check_vector_size
 from ingestion import parse_document
 from retrieval.vectorstore import PointFilter
 from tests.files import make_docx, make_docx_bomb, make_html, make_pdf
@@ -284,3 +285,9 @@ async def test_other_tenants_cannot_see_or_touch_documents(
                           json={"query": "WOMBAT", "knowledge_base_ids": [acme.kb["id"]]})
     assert r.status_code == 404
     assert (await search(client, acme, "WOMBAT vault"))[0]["document_id"] == doc_id
+
+
+def test_a_model_that_does_not_fit_the_store_is_refused_at_start(models: Models) -> None:
+    check_vector_size(models, 384)
+    with pytest.raises(ValueError, match="QDRANT_DENSE_DIM=384"):
+        check_vector_size(models, 768)
