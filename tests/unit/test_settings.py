@@ -6,6 +6,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from app.settings import (
+    DEV_KEY_PEPPER,
     AuthSettings,
     DatabaseSettings,
     IngestSettings,
@@ -18,8 +19,10 @@ from app.settings import (
 
 def test_production_refuses_default_or_missing_secrets() -> None:
     with pytest.raises(ValidationError) as err:
-        Settings(server=ServerSettings(env="prod"), database=DatabaseSettings(),
-                 redis=RedisSettings(), auth=AuthSettings())
+        # explicit values: the environment (CI sets DATABASE_URL) must not leak in
+        Settings(server=ServerSettings(env="prod"), database=DatabaseSettings(url=None),
+                 redis=RedisSettings(url=None),
+                 auth=AuthSettings(key_pepper=SecretStr(DEV_KEY_PEPPER), platform_admin_key=None))
     message = str(err.value)
     for needed in ("AUTH_KEY_PEPPER", "AUTH_PLATFORM_ADMIN_KEY", "DATABASE_URL", "REDIS_URL"):
         assert needed in message
