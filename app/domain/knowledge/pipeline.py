@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlmodel import col, delete, update
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import Document, DocumentContent, DocumentStatus, utcnow
@@ -36,7 +37,7 @@ from retrieval.vectorstore import ChunkPoint, PointFilter, VectorStore
 
 log = logging.getLogger(__name__)
 POINT_NAMESPACE = uuid.UUID("8f4d1c1e-7b0a-4c55-9f57-2d0c6a3e5b11")
-SNIPPET_METADATA = (str, int, bool)
+FILTERABLE_METADATA = (str, int, bool)  # what vector-store filters can match
 UPSERT_BATCH = 32
 _TRY_LOCK = text("SELECT pg_try_advisory_lock(:k)")
 _UNLOCK = text("SELECT pg_advisory_unlock(:k)")
@@ -116,13 +117,13 @@ class IngestPipeline:
         except IngestionError as exc:
             await self.fail(tenant_id, document_id, version, f"{type(exc).__name__}: {exc}")
             return
-        await self._progress(tenant_id, doc, chunk_count=len(chunks), embedded=0)
+        await self._progress(tenant_id, doc, chunk_count=len(chunks), chunks_embedded=0)
         for start in range(0, len(chunks), UPSERT_BATCH):
             # Batches bound memory on big documents; a crash leaves a prefix of points
             # that the next attempt overwrites (same ids), never duplicates.
             batch = chunks[start:start + UPSERT_BATCH]
             await self.store.upsert(tenant_id, await asyncio.to_thread(self._points, doc, batch))
-            await self._progress(tenant_id, doc, embedded=start + len(batch))
+            await self._progress(tenant_id, doc, chunks_embedded=start + len(batch))
         if not await self.publish(tenant_id, document_id, version, len(chunks)):
             # Deleted or superseded while we worked: no reader can match these points.
             await self.store.delete(tenant_id, PointFilter(document_id=document_id,
@@ -135,8 +136,8 @@ class IngestPipeline:
     ) -> Claimed | None:
         """Move the version to ``processing``; None if there is nothing to do."""
         async with self.db.tenant(tenant_id) as session:
-            doc = await session.get(Document, document_id, with_for_update=True)
-            if doc is None or doc.version != version or doc.status == DocumentStatus.failed:
+            doc = await _newest(session, document_id, version)
+            if doc is None or doc.status == DocumentStatus.failed:
                 return None
             if doc.status == DocumentStatus.ready and doc.live_version == version:
                 return None
@@ -155,9 +156,8 @@ class IngestPipeline:
             session.add(doc)
             return Claimed(document=doc, data=content.data)
 
-    async def _progress(self, tenant_id: uuid.UUID, doc: Document, **values: int) -> None:
+    async def _progress(self, tenant_id: uuid.UUID, doc: Document, **columns: int) -> None:
         """Show admins how far processing is (chunks found, chunks embedded so far)."""
-        columns = {("chunks_embedded" if k == "embedded" else k): v for k, v in values.items()}
         stmt = (update(Document)
                 .where(col(Document.id) == doc.id, col(Document.version) == doc.version)
                 .values(**columns, updated_at=utcnow()))
@@ -170,8 +170,8 @@ class IngestPipeline:
         """Make ``version`` the live one atomically and queue the older versions' points
         for deletion after a grace period; False if this version is no longer wanted."""
         async with self.db.tenant(tenant_id) as session:
-            doc = await session.get(Document, document_id, with_for_update=True)
-            if doc is None or doc.version != version:
+            doc = await _newest(session, document_id, version)
+            if doc is None:
                 return False
             first_stale = doc.live_version or 1
             doc.live_version, doc.chunk_count = version, chunk_count
@@ -194,8 +194,8 @@ class IngestPipeline:
     ) -> None:
         """Permanent failure: ``failed`` with a reason an admin can read; no retry."""
         async with self.db.tenant(tenant_id) as session:
-            doc = await session.get(Document, document_id, with_for_update=True)
-            if doc is not None and doc.version == version:
+            doc = await _newest(session, document_id, version)
+            if doc is not None:
                 _mark_failed(doc, reason)
                 session.add(doc)
         log.warning("document %s v%d failed: %s", document_id, version, reason)
@@ -205,8 +205,8 @@ class IngestPipeline:
     ) -> None:
         """Record why an attempt failed (it will be retried) so admins can see it."""
         async with self.db.tenant(tenant_id) as session:
-            doc = await session.get(Document, document_id, with_for_update=True)
-            if doc is not None and doc.version == version and doc.status != DocumentStatus.ready:
+            doc = await _newest(session, document_id, version)
+            if doc is not None and doc.status != DocumentStatus.ready:
                 doc.error = f"attempt {doc.attempts} failed, will retry: {reason}"[:2000]
                 doc.status, doc.updated_at = DocumentStatus.queued, utcnow()
                 doc.queued_at = doc.updated_at
@@ -220,7 +220,7 @@ class IngestPipeline:
         texts = [c.text for c in chunks]
         dense = self.embed(texts)
         sparse = self.models.sparse.encode_documents(texts)
-        meta = {k: v for k, v in doc.doc_metadata.items() if isinstance(v, SNIPPET_METADATA)}
+        meta = {k: v for k, v in doc.doc_metadata.items() if isinstance(v, FILTERABLE_METADATA)}
         return [
             ChunkPoint(id=point_id(doc.id, doc.version, c.index), dense=d, sparse=s,
                        payload=_payload(doc, c, meta))
@@ -235,6 +235,13 @@ def _payload(doc: Document, chunk: Chunk, meta: dict[str, Any]) -> dict[str, Any
         "page": chunk.page, "heading_path": list(chunk.heading_path),
         "filename": doc.filename, "meta": meta,
     }
+
+
+async def _newest(session: AsyncSession, document_id: uuid.UUID, version: int) -> Document | None:
+    """The document, locked, if ``version`` is still its newest upload; else None
+    (deleted, or a newer version was uploaded while we worked)."""
+    doc = await session.get(Document, document_id, with_for_update=True)
+    return doc if doc is not None and doc.version == version else None
 
 
 def _mark_failed(doc: Document, reason: str) -> None:
