@@ -80,23 +80,17 @@ def serve(host: str | None = None, port: int | None = None) -> None:
 @cli.command()
 def worker(threads: int | None = None) -> None:
     """Run Dramatiq workers in this process until SIGINT/SIGTERM."""
-    from workers.broker import setup_broker, start_worker
-    from workers.runtime import WorkerRuntime
+    from workers.process import start_workers
 
     settings = _settings()
     settings.worker.threads = threads or settings.worker.threads
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    broker = setup_broker(settings)
-    runtime = WorkerRuntime(settings, broker)
-    runtime.start()
-    running = start_worker(broker, settings.worker.threads)
+    running = start_workers(settings)
     typer.echo("worker ready", err=True)
     stop.wait()
-    running.stop(10_000)
-    runtime.stop()
-    broker.close()
+    running.stop()
 
 
 @cli.command("migrate")

@@ -45,8 +45,7 @@ from app.settings import (
     WorkerSettings,
 )
 from ingestion import chunk_document, parse_document
-from workers.broker import setup_broker, start_worker
-from workers.runtime import WorkerRuntime
+from workers.process import start_workers
 
 WORDS = [
     "policy", "employee", "laptop", "travel", "expense", "invoice", "security", "password",
@@ -96,19 +95,14 @@ async def pipeline_run(settings: Settings, models: Models, docs: list[bytes]) ->
         s.add(tenant)
     kb = await KnowledgeBaseService(db).create(tenant.id, KnowledgeBaseCreate(name="bench"))
     service = DocumentService(db, settings.ingest)
-    broker = setup_broker(settings)
-    runtime = WorkerRuntime(settings, broker, models=models)
-    await asyncio.to_thread(runtime.start)
-    worker = start_worker(broker, settings.worker.threads)
+    running = await asyncio.to_thread(start_workers, settings, None, models)
     started = time.perf_counter()
     for i, data in enumerate(docs):
         files = service.check_files([IncomingFile(f"doc{i}.md", data)], None)
         await service.upload(tenant.id, kb.id, files)
     chunks = await wait_all_ready(db, tenant.id, len(docs))
     elapsed = time.perf_counter() - started
-    await asyncio.to_thread(worker.stop, 10_000)
-    await asyncio.to_thread(runtime.stop)
-    broker.close()
+    await asyncio.to_thread(running.stop)
     await db.close()
     return chunks / elapsed, chunks
 

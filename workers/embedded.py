@@ -13,10 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from litestar import Litestar
 
 from app.settings import Settings
-from workers.broker import setup_broker, start_worker
-from workers.runtime import WorkerRuntime
-
-STOP_TIMEOUT_MS = 10_000
+from workers.process import start_workers
 
 
 def embedded_workers(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
@@ -24,19 +21,14 @@ def embedded_workers(settings: Settings) -> Callable[[Litestar], AbstractAsyncCo
 
     @asynccontextmanager
     async def run(app: Litestar) -> AsyncIterator[None]:
-        broker = setup_broker(settings)
         # An embedded store is shared (one process per shard folder); a server client is
         # bound to the API's event loop, so the runtime opens its own.
         shared = None if settings.qdrant.url else app.state.vector_store
-        runtime = WorkerRuntime(settings, broker, store=shared, models=app.state.models)
-        await asyncio.to_thread(runtime.start)
-        worker = start_worker(broker, settings.worker.threads)
-        app.state.broker = broker
+        running = await asyncio.to_thread(start_workers, settings, shared, app.state.models)
+        app.state.broker = running.broker
         try:
             yield
         finally:
-            await asyncio.to_thread(worker.stop, STOP_TIMEOUT_MS)
-            await asyncio.to_thread(runtime.stop)
-            broker.close()
+            await asyncio.to_thread(running.stop)
 
     return run
