@@ -19,7 +19,6 @@ from app.outbox import (
     DELETE_STALE_VERSIONS,
     INGEST_DOCUMENT,
 )
-from retrieval.vectorstore import PointFilter
 from workers.runtime import current
 
 log = logging.getLogger(__name__)
@@ -53,8 +52,7 @@ def _note(tenant: uuid.UUID, document: uuid.UUID, version: int, reason: str) -> 
 def delete_document_points(tenant_id: str, document_id: str) -> None:
     """Remove every version's points of a deleted document."""
     rt = current()
-    flt = PointFilter(document_id=uuid.UUID(document_id))
-    rt.call(rt.store.delete(uuid.UUID(tenant_id), flt))
+    rt.call(rt.pipeline.purge_document(uuid.UUID(tenant_id), uuid.UUID(document_id)))
 
 
 @dramatiq.actor(actor_name=DELETE_KB_POINTS, queue_name="maintenance", max_retries=MAX_RETRIES,
@@ -62,14 +60,13 @@ def delete_document_points(tenant_id: str, document_id: str) -> None:
 def delete_kb_points(tenant_id: str, kb_id: str) -> None:
     """Remove every point of a deleted knowledge base."""
     rt = current()
-    rt.call(rt.store.delete(uuid.UUID(tenant_id), PointFilter(kb_ids=[uuid.UUID(kb_id)])))
+    rt.call(rt.pipeline.purge_kb(uuid.UUID(tenant_id), uuid.UUID(kb_id)))
 
 
 @dramatiq.actor(actor_name=DELETE_STALE_VERSIONS, queue_name="maintenance",
                 max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS)
-def delete_stale_versions(tenant_id: str, document_id: str, versions: list[int]) -> None:
-    """Remove the points of versions that are no longer live (sent after a grace delay)."""
+def delete_stale_versions(tenant_id: str, document_id: str, below: int) -> None:
+    """Remove the points of versions older than ``below`` (sent after a grace delay)."""
     rt = current()
-    tenant, document = uuid.UUID(tenant_id), uuid.UUID(document_id)
-    for version in versions:
-        rt.call(rt.store.delete(tenant, PointFilter(document_id=document, version=version)))
+    rt.call(rt.pipeline.purge_stale_versions(uuid.UUID(tenant_id), uuid.UUID(document_id),
+                                             below))

@@ -37,6 +37,14 @@ class TenantStatus(enum.StrEnum):
     suspended = "suspended"
 
 
+class SystemMessagePolicy(enum.StrEnum):
+    """What happens to a ``system`` message sent by the caller of the chat API."""
+
+    allow = "allow"  # used instead of the tenant's prompt (platform rules still apply)
+    append = "append"  # added after the tenant's prompt
+    refuse = "refuse"  # the request is refused with 400
+
+
 class Tenant(SQLModel, table=True):
     """A customer of the platform; owns knowledge bases, keys and usage."""
 
@@ -50,6 +58,10 @@ class Tenant(SQLModel, table=True):
         default=TenantStatus.active, sa_column=sa.Column(sa.String(20), nullable=False)
     )
     system_prompt: str = Field(default="", sa_column=sa.Column(sa.Text, nullable=False))
+    system_message_policy: SystemMessagePolicy = Field(
+        default_factory=lambda: SystemMessagePolicy.append,
+        sa_column=sa.Column(sa.String(10), nullable=False, server_default="append"),
+    )
     allowed_models: list[str] = Field(
         default_factory=list,
         sa_column=sa.Column(pg.ARRAY(sa.String(200)), nullable=False, server_default="{}"),
@@ -200,4 +212,69 @@ class OutboxMessage(SQLModel, table=True):
     tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
     actor: str = Field(sa_column=sa.Column(sa.String(100), nullable=False))
     args: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class SystemPromptVersion(SQLModel, table=True):
+    """Every system prompt a tenant has had: who set it and when. The newest is also
+    kept on ``tenants.system_prompt`` for the chat path."""
+
+    __tablename__ = "system_prompts"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
+                                                             primary_key=True))
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    version: int
+    text: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_by: str = Field(sa_column=sa.Column(sa.String(100), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class UnsettledPoints(SQLModel, table=True):
+    """A document (or a whole knowledge base) whose stored points may hold versions
+    that readers must not see: being ingested, replaced, or deleted. Search hides
+    those versions; the row goes once the vector store holds only the live version."""
+
+    __tablename__ = "unsettled_points"
+
+    target_id: uuid.UUID = Field(sa_column=sa.Column(pg.UUID(as_uuid=True), primary_key=True))
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    kind: str = Field(sa_column=sa.Column(sa.String(10), nullable=False))  # document | kb
+    kb_id: uuid.UUID = Field(sa_column=sa.Column(pg.UUID(as_uuid=True), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class Conversation(SQLModel, table=True):
+    """A chat thread of one end user of a tenant (``end_user`` '' = the key's caller)."""
+
+    __tablename__ = "conversations"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    end_user: str = Field(default="", sa_column=sa.Column(sa.String(256), nullable=False))
+    title: str = Field(default="", sa_column=sa.Column(sa.String(200), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class ConversationMessage(SQLModel, table=True):
+    """One turn of a conversation; an assistant turn keeps the citations it was given."""
+
+    __tablename__ = "conversation_messages"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
+                                                             primary_key=True))
+    conversation_id: uuid.UUID = Field(
+        sa_column=sa.Column(pg.UUID(as_uuid=True),
+                            sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+                            nullable=False)
+    )
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    role: str = Field(sa_column=sa.Column(sa.String(20), nullable=False))
+    content: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    citations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        sa_column=sa.Column(pg.JSONB, nullable=False, server_default="[]"),
+    )
+    request_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(100)))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())

@@ -57,12 +57,21 @@ class PointFilter:
     ``document_versions`` keeps only points whose (document_id, version) pair is
     listed, i.e. the live version of each document. An empty ``kb_ids`` or
     ``document_versions`` matches nothing.
+
+    ``unsettled`` is the scalable form of the same rule: it names only the documents
+    whose stored points may include a version readers must not see (being ingested,
+    replaced, or deleted), each with the one version that may be seen (None: none).
+    Points of every other document pass, so the filter's size follows the documents
+    in flight, not the size of the knowledge base.
     """
 
     kb_ids: Sequence[UUID] | None = None
+    exclude_kb_ids: Sequence[UUID] | None = None
     document_id: UUID | None = None
     version: int | None = None
+    version_below: int | None = None
     document_versions: Mapping[UUID, int] | None = None
+    unsettled: Mapping[UUID, int | None] | None = None
     metadata: Mapping[str, MetadataValue] | None = None
 
     @property
@@ -177,13 +186,29 @@ class OneOf:
 
 
 @dataclass(frozen=True)
+class NoneOf:
+    """Payload value at ``key`` is none of ``values``."""
+
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Below:
+    """Payload value at ``key`` is a number strictly below ``value``."""
+
+    key: str
+    value: int
+
+
+@dataclass(frozen=True)
 class AnyGroup:
-    """At least one group holds, where a group holds if all its Equals hold."""
+    """At least one group holds, where a group holds if all its clauses hold."""
 
-    groups: tuple[tuple[Equals, ...], ...]
+    groups: tuple[tuple[Clause, ...], ...]
 
 
-Clause = Equals | OneOf | AnyGroup
+Clause = Equals | OneOf | NoneOf | Below | AnyGroup
 
 
 def filter_clauses(flt: PointFilter) -> list[Clause]:
@@ -193,10 +218,16 @@ def filter_clauses(flt: PointFilter) -> list[Clause]:
         clauses.append(OneOf(KB_ID_KEY, tuple(str(kb_id) for kb_id in flt.kb_ids)))
     if flt.document_id is not None:
         clauses.append(Equals(DOCUMENT_ID_KEY, str(flt.document_id)))
+    if flt.exclude_kb_ids:
+        clauses.append(NoneOf(KB_ID_KEY, tuple(str(kb_id) for kb_id in flt.exclude_kb_ids)))
     if flt.version is not None:
         clauses.append(Equals(VERSION_KEY, flt.version))
+    if flt.version_below is not None:
+        clauses.append(Below(VERSION_KEY, flt.version_below))
     if flt.document_versions:
         clauses.append(_live_versions(flt.document_versions))
+    if flt.unsettled:
+        clauses.append(_settled_or_pinned(flt.unsettled))
     for key, value in (flt.metadata or {}).items():
         clauses.append(Equals(f"{METADATA_PREFIX}.{key}", value))
     return clauses
@@ -208,6 +239,15 @@ def _live_versions(document_versions: Mapping[UUID, int]) -> AnyGroup:
         for doc_id, version in document_versions.items()
     )
     return AnyGroup(groups)
+
+
+def _settled_or_pinned(unsettled: Mapping[UUID, int | None]) -> AnyGroup:
+    others: tuple[Clause, ...] = (NoneOf(DOCUMENT_ID_KEY, tuple(str(d) for d in unsettled)),)
+    pinned = tuple(
+        (Equals(DOCUMENT_ID_KEY, str(doc_id)), Equals(VERSION_KEY, version))
+        for doc_id, version in unsettled.items() if version is not None
+    )
+    return AnyGroup((others, *pinned))
 
 
 # --- validation, shared so both adapters reject the same mistakes -------------------

@@ -36,11 +36,13 @@ from retrieval.vectorstore.base import (
     SPARSE_VECTOR,
     VERSION_KEY,
     AnyGroup,
+    Below,
     ChunkPoint,
     Clause,
     Equals,
     HybridQuery,
     MetadataValue,
+    NoneOf,
     OneOf,
     PointFilter,
     ScoredChunk,
@@ -337,6 +339,10 @@ def _to_edge_condition(clause: Clause) -> qe.ConditionType:
         return qe.FieldCondition(clause.key, match=qe.MatchValue(_edge_match_value(clause.value)))
     if isinstance(clause, OneOf):
         return qe.FieldCondition(clause.key, match=qe.MatchAny(list(clause.values)))
+    if isinstance(clause, NoneOf):
+        return qe.FieldCondition(clause.key, match=qe.MatchExcept(list(clause.values)))
+    if isinstance(clause, Below):
+        return qe.FieldCondition(clause.key, range=qe.RangeFloat(lt=float(clause.value)))
     if isinstance(clause, AnyGroup):
         groups: list[qe.ConditionType] = [
             qe.Filter(must=[_to_edge_condition(c) for c in group]) for group in clause.groups

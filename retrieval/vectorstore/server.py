@@ -21,10 +21,12 @@ from retrieval.vectorstore.base import (
     SPARSE_VECTOR,
     VERSION_KEY,
     AnyGroup,
+    Below,
     ChunkPoint,
     Clause,
     Equals,
     HybridQuery,
+    NoneOf,
     OneOf,
     PointFilter,
     ScoredChunk,
@@ -265,6 +267,11 @@ def _to_condition(clause: Clause) -> models.Condition:
         return models.FieldCondition(key=clause.key, match=models.MatchValue(value=clause.value))
     if isinstance(clause, OneOf):
         return models.FieldCondition(key=clause.key, match=models.MatchAny(any=list(clause.values)))
+    if isinstance(clause, NoneOf):
+        return models.FieldCondition(key=clause.key,
+                                     match=models.MatchExcept(**{"except": list(clause.values)}))
+    if isinstance(clause, Below):
+        return models.FieldCondition(key=clause.key, range=models.Range(lt=clause.value))
     if isinstance(clause, AnyGroup):
         groups: list[models.Condition] = [
             models.Filter(must=[_to_condition(c) for c in group]) for group in clause.groups

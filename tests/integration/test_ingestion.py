@@ -12,7 +12,10 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from app.db.engine import Database, make_engine
+from app.domain.knowledge import unsettled
 from app.embeddings import Models, check_vector_size
+from app.settings import Settings
 from ingestion import parse_document
 from retrieval.vectorstore import PointFilter
 from tests.files import make_docx, make_docx_bomb, make_html, make_pdf
@@ -154,7 +157,9 @@ async def test_same_bytes_again_is_a_duplicate_and_does_no_work(
     assert (doc["version"], doc["attempts"], doc["filename"]) == (1, 1, "a.txt")
 
 
-async def test_new_version_swaps_atomically(client: Client, acme: Tenant, app: Litestar) -> None:
+async def test_new_version_swaps_atomically(
+    client: Client, acme: Tenant, app: Litestar, settings: Settings
+) -> None:
     def text(code: str) -> bytes:
         return "\n\n".join(f"Clause {i}: the VERSIONED handbook code is {code}-{i}."
                            for i in range(40)).encode()
@@ -187,10 +192,28 @@ async def test_new_version_swaps_atomically(client: Client, acme: Tenant, app: L
     assert await store.count(acme.id, PointFilter(document_id=uuid.UUID(doc_id), version=1)) == 0
     assert await store.count(acme.id, PointFilter(document_id=uuid.UUID(doc_id))) == doc[
         "chunk_count"]
+    # Only the live version is stored now, so search no longer special-cases it.
+    assert await settles(settings, acme, doc_id)
+
+
+async def settles(settings: Settings, t: Tenant, target_id: str) -> bool:
+    """True once the document or knowledge base leaves search's unsettled set."""
+    db = Database(make_engine(settings.database.application_url(), settings.database))
+    try:
+        for _ in range(100):
+            async with db.tenant(t.id) as session:
+                found = await unsettled.load(session, None)
+            target = uuid.UUID(target_id)
+            if target not in found.documents and target not in found.kbs:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+    finally:
+        await db.close()
 
 
 async def test_delete_document_is_never_retrieved_again(
-    client: Client, acme: Tenant, app: Litestar
+    client: Client, acme: Tenant, app: Litestar, settings: Settings
 ) -> None:
     resp = await upload(acme, client, [("gone.txt", b"The SPRINGBOK code is 4471.\n")])
     doc_id = resp.json()["data"][0]["id"]
@@ -206,6 +229,26 @@ async def test_delete_document_is_never_retrieved_again(
             break
         await asyncio.sleep(0.1)
     assert await app.state.vector_store.count(acme.id, flt) == 0
+    assert await settles(settings, acme, doc_id)
+
+
+async def test_deleted_knowledge_base_is_hidden_at_once_and_purged(
+    client: Client, acme: Tenant, app: Litestar, settings: Settings
+) -> None:
+    kb = (await client.post("/v1/knowledge-bases", json={"name": "short-lived"},
+                            headers=acme.headers)).json()
+    other = Tenant(acme.info, acme.key, kb)
+    resp = await upload(other, client, [("k.txt", b"The KINKAJOU code is 9.\n")])
+    doc_id = resp.json()["data"][0]["id"]
+    assert (await wait_done(client, other, doc_id))["status"] == "ready"
+    assert await settles(settings, acme, doc_id)  # a first version settles when it is published
+    assert any(h["document_id"] == doc_id for h in await search(client, acme, "KINKAJOU"))
+    deleted = await client.delete(f"/v1/knowledge-bases/{kb['id']}", headers=acme.headers)
+    assert deleted.status_code == 204
+    assert not any(h["document_id"] == doc_id for h in await search(client, acme, "KINKAJOU"))
+    assert await settles(settings, acme, kb["id"])
+    assert await app.state.vector_store.count(
+        acme.id, PointFilter(kb_ids=[uuid.UUID(kb["id"])])) == 0
 
 
 async def test_bad_uploads_are_refused_and_nothing_is_stored(

@@ -158,6 +158,28 @@ async def test_live_version_filter_excludes_stale_versions(store: VectorStore) -
     assert await all_ids(store, tenant, only_live) == {p.id for p in live}
 
 
+async def test_unsettled_filter_hides_only_the_versions_in_flight(store: VectorStore) -> None:
+    tenant, kb = uuid4(), uuid4()
+    settled, swapping, new_doc, deleted = uuid4(), uuid4(), uuid4(), uuid4()
+    visible = [chunk(kb=kb, doc=settled, version=3), chunk(kb=kb, doc=swapping, version=2)]
+    hidden = [chunk(kb=kb, doc=swapping, version=1), chunk(kb=kb, doc=swapping, version=3),
+              chunk(kb=kb, doc=new_doc, version=1), chunk(kb=kb, doc=deleted, version=1)]
+    await store.upsert(tenant, [*visible, *hidden])
+    flt = PointFilter(unsettled={swapping: 2, new_doc: None, deleted: None})
+    assert await all_ids(store, tenant, flt) == {p.id for p in visible}
+    assert await store.count(tenant, flt) == 2
+
+
+async def test_excluded_kbs_and_versions_below(store: VectorStore) -> None:
+    tenant, kb, gone, doc = uuid4(), uuid4(), uuid4(), uuid4()
+    old, current = chunk(kb=kb, doc=doc, version=1), chunk(kb=kb, doc=doc, version=4)
+    await store.upsert(tenant, [old, current, chunk(kb=gone, doc=uuid4())])
+    assert await all_ids(store, tenant, PointFilter(exclude_kb_ids=[gone])) == {
+        old.id, current.id}
+    await store.delete(tenant, PointFilter(document_id=doc, version_below=4))
+    assert await all_ids(store, tenant, PointFilter(kb_ids=[kb])) == {current.id}
+
+
 async def test_live_version_filter_with_thousands_of_documents(store: VectorStore) -> None:
     tenant, kb = uuid4(), uuid4()
     live = {uuid4(): 1 for _ in range(3000)}

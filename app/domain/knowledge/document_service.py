@@ -18,6 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import Document, DocumentContent, DocumentStatus, Tenant, utcnow
+from app.domain.knowledge import unsettled
 from app.domain.knowledge.kb_service import get_kb
 from app.domain.tenants.limits import effective_limit
 from app.errors import (
@@ -169,6 +170,7 @@ class DocumentService:
         only matches documents that exist here, so it is never retrieved again."""
         async with self.db.tenant(tenant_id) as session:
             doc = await _get_document(session, kb_id, doc_id, lock=True)
+            await unsettled.mark(session, tenant_id, doc_id, unsettled.DOCUMENT, kb_id)
             await session.delete(doc)
             enqueue(session, tenant_id, DELETE_DOCUMENT_POINTS, document_id=str(doc_id))
 

@@ -11,6 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import Document, KnowledgeBase, utcnow
+from app.domain.knowledge import unsettled
 from app.domain.knowledge.schemas import (
     KnowledgeBaseCreate,
     KnowledgeBaseOut,
@@ -90,11 +91,12 @@ class KnowledgeBaseService:
     async def delete(self, tenant_id: uuid.UUID, kb_id: uuid.UUID) -> None:
         """Delete the knowledge base, its documents and (asynchronously) their vectors.
 
-        Retrieval only ever matches live versions of documents that exist in PostgreSQL,
-        so nothing of this knowledge base is retrievable from the moment this commits.
+        The knowledge base joins the unsettled set in the same transaction, so search
+        hides all of its points from the moment this commits until they are gone.
         """
         async with self.db.tenant(tenant_id) as session:
             kb = await get_kb(session, kb_id, lock=True)
+            await unsettled.mark(session, tenant_id, kb_id, unsettled.KB, kb_id)
             await session.delete(kb)
             enqueue(session, tenant_id, DELETE_KB_POINTS, kb_id=str(kb_id))
 

@@ -22,6 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import Document, DocumentContent, DocumentStatus, utcnow
+from app.domain.knowledge import unsettled
 from app.embeddings import Models
 from app.outbox import DELETE_STALE_VERSIONS, enqueue
 from app.settings import IngestSettings
@@ -154,6 +155,8 @@ class IngestPipeline:
             doc.status, doc.attempts = DocumentStatus.processing, doc.attempts + 1
             doc.processing_started_at = doc.updated_at = utcnow()
             session.add(doc)
+            # Before any point of this version is written, search hides it.
+            await unsettled.mark(session, tenant_id, document_id, unsettled.DOCUMENT, doc.kb_id)
             return Claimed(document=doc, data=content.data)
 
     async def _progress(self, tenant_id: uuid.UUID, doc: Document, **columns: int) -> None:
@@ -186,8 +189,37 @@ class IngestPipeline:
             ))
             if first_stale < version:
                 enqueue(session, tenant_id, DELETE_STALE_VERSIONS, document_id=str(document_id),
-                        versions=list(range(first_stale, version)))
+                        below=version)
+            else:  # the first version: nothing else was ever stored
+                await unsettled.settle(session, document_id)
         return True
+
+    async def purge_stale_versions(
+        self, tenant_id: uuid.UUID, document_id: uuid.UUID, below: int
+    ) -> None:
+        """Delete the points of every version older than ``below``; once only the live
+        version is stored, search stops special-casing the document."""
+        await self.store.delete(tenant_id, PointFilter(document_id=document_id,
+                                                       version_below=below))
+        async with self.db.tenant(tenant_id) as session:
+            doc = await session.get(Document, document_id, with_for_update=True)
+            # Not if a newer version is in flight (its publish purges again) or failed
+            # (its partial points stay hidden) or the document was deleted.
+            if doc is not None and doc.live_version == doc.version == below:
+                await unsettled.settle(session, document_id)
+
+    async def purge_document(self, tenant_id: uuid.UUID, document_id: uuid.UUID) -> None:
+        """Delete every point of a deleted document."""
+        await self.store.delete(tenant_id, PointFilter(document_id=document_id))
+        async with self.db.tenant(tenant_id) as session:
+            if await session.get(Document, document_id) is None:
+                await unsettled.settle(session, document_id)
+
+    async def purge_kb(self, tenant_id: uuid.UUID, kb_id: uuid.UUID) -> None:
+        """Delete every point of a deleted knowledge base."""
+        await self.store.delete(tenant_id, PointFilter(kb_ids=[kb_id]))
+        async with self.db.tenant(tenant_id) as session:
+            await unsettled.settle_kb(session, kb_id)
 
     async def fail(
         self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int, reason: str

@@ -1,8 +1,10 @@
 """Hybrid retrieval over the authenticated tenant's own store, live versions only.
 
-Which version of each document is live comes from PostgreSQL at query time, so a
-version swap is atomic for readers (the old version until the new one is published)
-and a deleted document is never matched, even before its vectors are removed.
+Which versions readers may see comes from PostgreSQL at query time: the (small) set of
+documents with a version in flight and of knowledge bases being deleted (see
+``knowledge/unsettled.py``). So a version swap is atomic for readers (the old version
+until the new one is published) and a deleted document is never matched, even before
+its vectors are removed, while the filter stays small however large the tenant grows.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Sequence
 from sqlmodel import col, select
 
 from app.db.engine import Database
-from app.db.models import Document, KnowledgeBase
+from app.db.models import KnowledgeBase
+from app.domain.knowledge import unsettled
 from app.domain.search.schemas import FilterValue, RetrievedChunk, SearchMode
 from app.embeddings import Models
 from app.errors import NotFoundError
@@ -43,23 +46,20 @@ class SearchService:
         top_k: int = 5, filters: dict[str, FilterValue] | None = None,
         mode: SearchMode = "hybrid",
     ) -> list[RetrievedChunk]:
-        """Top passages, best first; [] when nothing is live in those knowledge bases."""
-        live = await self.live_versions(tenant_id, kb_ids)
-        if not live:
-            return []
+        """Top passages, best first."""
+        hidden = await self.unsettled(tenant_id, kb_ids)
         dense, sparse = await asyncio.to_thread(self._encode, query, mode)
         flt = PointFilter(kb_ids=list(kb_ids) if kb_ids else None,
-                          document_versions=live, metadata=filters or None)
+                          exclude_kb_ids=hidden.kbs or None,
+                          unsettled=hidden.documents or None, metadata=filters or None)
         q = HybridQuery(dense=dense, sparse=sparse, filter=flt, limit=top_k,
                         prefetch_limit=max(MIN_PREFETCH, top_k * PREFETCH_FACTOR))
         return [_chunk(hit) for hit in await self.store.query(tenant_id, q)]
 
-    async def live_versions(
+    async def unsettled(
         self, tenant_id: uuid.UUID, kb_ids: Sequence[uuid.UUID] | None
-    ) -> dict[uuid.UUID, int]:
-        """document id -> live version, for the given (or all) knowledge bases."""
-        query = select(Document.id, Document.live_version).where(
-            col(Document.live_version).is_not(None))
+    ) -> unsettled.Unsettled:
+        """What search must hide; NotFoundError if a knowledge base asked for is missing."""
         async with self.db.tenant(tenant_id) as session:
             if kb_ids:
                 found = set((await session.exec(select(KnowledgeBase.id).where(
@@ -67,9 +67,7 @@ class SearchService:
                 missing = [str(k) for k in kb_ids if k not in found]
                 if missing:
                     raise NotFoundError(f"knowledge base(s) not found: {', '.join(missing)}")
-                query = query.where(col(Document.kb_id).in_(kb_ids))
-            rows = (await session.exec(query)).all()
-        return {doc_id: int(v) for doc_id, v in rows if v is not None}
+            return await unsettled.load(session, kb_ids)
 
     def _encode(
         self, query: str, mode: SearchMode

@@ -11,6 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
+from app.migrations.rls import force_rls
+
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -25,14 +27,6 @@ HELPERS = (
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$ SELECT coalesce(current_setting('app.platform', true), '') = 'on' $$""",
 )
-
-
-def force_rls(table: str, tenant_column: str) -> None:
-    """ENABLE and FORCE row-level security, with one policy for reads and writes."""
-    op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
-    op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
-    rule = f"({tenant_column} = app_current_tenant() OR app_is_platform())"
-    op.execute(f"CREATE POLICY tenant_isolation ON {table} USING {rule} WITH CHECK {rule}")
 
 
 def upgrade() -> None:

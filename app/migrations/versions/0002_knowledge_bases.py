@@ -11,29 +11,14 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
+from app.migrations.rls import force_rls, tenant_id, ts
+
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 TABLES = ("knowledge_bases", "documents", "document_contents", "outbox")
-
-
-def force_rls(table: str) -> None:
-    """ENABLE and FORCE row-level security, with one policy for reads and writes."""
-    op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
-    op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
-    rule = "(tenant_id = app_current_tenant() OR app_is_platform())"
-    op.execute(f"CREATE POLICY tenant_isolation ON {table} USING {rule} WITH CHECK {rule}")
-
-
-def tenant_id() -> sa.Column[object]:
-    return sa.Column("tenant_id", pg.UUID(as_uuid=True),
-                     sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
-
-
-def ts(name: str, nullable: bool = False) -> sa.Column[object]:
-    return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
 def upgrade() -> None:
