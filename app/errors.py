@@ -85,3 +85,31 @@ class QuotaExceededError(PermissionDeniedError):
 
     code = "quota_exceeded"
     title = "Quota exceeded"
+
+
+class BadRequestError(DomainError):
+    """The request asks for something this API does not do (HTTP 400)."""
+
+    code = "invalid_request"
+    title = "Invalid request"
+
+
+class ContextLengthError(BadRequestError):
+    """The prompt cannot fit the model's context window even with no history."""
+
+    code = "context_length_exceeded"
+    title = "Context length exceeded"
+
+
+class UpstreamError(DomainError):
+    """The generation server failed or answered with an error (HTTP 502)."""
+
+    code = "upstream_error"
+    title = "Upstream error"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The generation server did not answer in time (HTTP 504)."""
+
+    code = "upstream_timeout"
+    title = "Upstream timeout"

@@ -140,6 +140,42 @@ class WorkerSettings(BaseSettings):
     heartbeat_timeout_s: int = Field(default=60, ge=1)
 
 
+class LlmSettings(BaseSettings):
+    """The OpenAI-compatible generation endpoint (a vLLM server); the dispatch layer's
+    pools replace this single endpoint. Unset ``LLM_BASE_URL`` in ``dev`` = a local vLLM
+    CPU server started with the embedded stack."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
+
+    base_url: str | None = None  # e.g. http://127.0.0.1:8001/v1
+    api_key: SecretStr | None = None
+    models: list[str] = Field(default_factory=lambda: ["smollm2"])
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=300.0, gt=0)
+    max_connections: int = Field(default=200, ge=1)
+    # The model's context window; 0 = ask the server (vLLM's /v1/models max_model_len).
+    context_window: int = Field(default=0, ge=0)
+    default_max_tokens: int = Field(default=512, ge=1)
+    start_local: bool = True  # dev: start the local vLLM server when base_url is unset
+
+
+class ChatSettings(BaseSettings):
+    """Retrieval-augmented chat."""
+
+    model_config = SettingsConfigDict(env_prefix="CHAT_", extra="ignore")
+
+    top_k: int = Field(default=5, ge=1, le=50)
+    # A passage counts as relevant if its cosine similarity to the question reaches
+    # min_dense_score, or it shares a term (stop words aside) with the question with a
+    # BM25 score above min_sparse_score. BM25 scores grow with the corpus (IDF), so the
+    # default counts any shared term; raise it only after looking at your scores.
+    min_dense_score: float = Field(default=0.3, ge=-1, le=1)
+    min_sparse_score: float = Field(default=0.0, ge=0)
+    snippet_chars: int = Field(default=300, ge=0)
+    max_history_messages: int = Field(default=50, ge=0)
+    rerank_model: str | None = None  # a sentence-transformers CrossEncoder folder; off
+
+
 class Settings(BaseSettings):
     """All settings; build once with :func:`load_settings` and pass it down."""
 
@@ -152,6 +188,8 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import timedelta
@@ -20,6 +21,9 @@ from app.api.auth import PUBLIC_PATHS, ApiKeyMiddleware
 from app.api.problems import EXCEPTION_HANDLERS
 from app.auth.authenticator import ApiKeyAuthenticator
 from app.db.engine import Database, make_engine
+from app.domain.chat.controllers import ConversationController, chat_completions
+from app.domain.chat.conversations import ConversationService
+from app.domain.chat.service import ChatService
 from app.domain.keys.controllers import PlatformKeysController, TenantKeysController
 from app.domain.keys.service import ApiKeyService
 from app.domain.knowledge.controllers import KnowledgeBaseController
@@ -28,10 +32,19 @@ from app.domain.knowledge.kb_service import KnowledgeBaseService
 from app.domain.search.controllers import retrieve
 from app.domain.search.service import SearchService
 from app.domain.system.controllers import healthz, readyz
-from app.domain.tenant_self.controllers import list_models, whoami
+from app.domain.tenant_self.controllers import (
+    get_system_prompt,
+    list_models,
+    list_system_prompt_versions,
+    put_system_prompt,
+    whoami,
+)
 from app.domain.tenants.controllers import TenantAdminController
+from app.domain.tenants.prompts import PromptService
 from app.domain.tenants.service import TenantService
 from app.embeddings import Models, check_vector_size, load_models
+from app.errors import ServiceUnavailableError
+from app.inference.upstream import Upstream
 from app.settings import Settings
 from app.stores import vector_store_config
 from retrieval.vectorstore import open_vector_store
@@ -64,9 +77,13 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             loaded = models if models is not None else await asyncio.to_thread(
                 load_models, settings.ingest)
             check_vector_size(loaded, settings.qdrant.dense_dim)
+            upstream = Upstream(settings.llm.base_url, settings.llm) if settings.llm.base_url \
+                else None
+            if upstream is not None:
+                stack.push_async_callback(upstream.close)
             admin_key = settings.auth.platform_admin_key
             app.state.update(
-                db=db, redis=redis, vector_store=vector_store, models=loaded,
+                db=db, redis=redis, vector_store=vector_store, models=loaded, upstream=upstream,
                 authenticator=ApiKeyAuthenticator(
                     db, settings.auth.key_pepper.get_secret_value(),
                     admin_key.get_secret_value() if admin_key else None,
@@ -102,7 +119,34 @@ def provide_documents(state: State) -> DocumentService:
 
 def provide_search(state: State) -> SearchService:
     """The retrieval service."""
-    return SearchService(state.db, state.vector_store, state.models)
+    return SearchService(state.db, state.vector_store, state.models, state.settings.chat)
+
+
+def provide_settings(state: State) -> Settings:
+    """The process's settings."""
+    settings: Settings = state.settings
+    return settings
+
+
+def provide_prompts(state: State) -> PromptService:
+    """The tenant system prompt service."""
+    return PromptService(state.db)
+
+
+def provide_conversations(state: State) -> ConversationService:
+    """The conversation store."""
+    return ConversationService(state.db)
+
+
+def provide_chat(state: State) -> ChatService:
+    """The chat service; 503 when no generation server is configured."""
+    if state.upstream is None:
+        raise ServiceUnavailableError("no generation server is configured (set LLM_BASE_URL)")
+    settings: Settings = state.settings
+    salt_key = hashlib.sha256(b"cache-salt:" + settings.auth.key_pepper.get_secret_value()
+                              .encode()).digest()
+    return ChatService(provide_search(state), ConversationService(state.db), state.upstream,
+                       settings.llm, settings.chat, salt_key)
 
 
 def create_app(
@@ -123,13 +167,18 @@ def create_app(
     return Litestar(
         route_handlers=[healthz, readyz, whoami, list_models, TenantAdminController,
                         PlatformKeysController, TenantKeysController, KnowledgeBaseController,
-                        retrieve],
+                        retrieve, chat_completions, ConversationController,
+                        get_system_prompt, put_system_prompt, list_system_prompt_versions],
         dependencies={
             "tenants": Provide(provide_tenants, sync_to_thread=False),
             "keys": Provide(provide_keys, sync_to_thread=False),
             "kbs": Provide(provide_kbs, sync_to_thread=False),
             "documents": Provide(provide_documents, sync_to_thread=False),
             "search": Provide(provide_search, sync_to_thread=False),
+            "settings": Provide(provide_settings, sync_to_thread=False),
+            "prompts": Provide(provide_prompts, sync_to_thread=False),
+            "conversations": Provide(provide_conversations, sync_to_thread=False),
+            "chat": Provide(provide_chat, sync_to_thread=False),
         },
         middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,

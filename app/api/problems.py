@@ -12,6 +12,7 @@ from litestar.types import ExceptionHandlersMap
 
 from app.errors import (
     AuthenticationError,
+    BadRequestError,
     ConflictError,
     DomainError,
     InvalidInputError,
@@ -20,6 +21,8 @@ from app.errors import (
     PermissionDeniedError,
     ServiceUnavailableError,
     UnsupportedMediaError,
+    UpstreamError,
+    UpstreamTimeoutError,
 )
 
 log = logging.getLogger(__name__)
@@ -34,13 +37,18 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     ServiceUnavailableError: 503,
     PayloadTooLargeError: 413,
     UnsupportedMediaError: 415,
+    BadRequestError: 400,
+    UpstreamError: 502,
+    UpstreamTimeoutError: 504,
 }
 
 
 def problem(status: int, title: str, detail: str, code: str, **extra: Any) -> Response[Any]:
-    """A problem+json response."""
+    """A problem+json response. ``error`` repeats the message in OpenAI's error shape,
+    so OpenAI SDKs show it."""
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
-            "code": code, **extra}
+            "code": code, **extra,
+            "error": {"message": detail, "type": code, "code": code}}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 

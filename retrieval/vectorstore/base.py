@@ -89,13 +89,20 @@ class PointFilter:
 
 @dataclass(frozen=True)
 class HybridQuery:
-    """A search: dense and sparse fused with RRF, or whichever one is given."""
+    """A search: dense and sparse fused with RRF, or whichever one is given.
+
+    A threshold drops that side's candidates scoring below it before fusion (cosine
+    similarity for dense, BM25 score for sparse), so a passage is only returned if
+    at least one side found it relevant enough.
+    """
 
     dense: list[float] | None
     sparse: SparseVector | None
     filter: PointFilter | None = None
     limit: int = 10
     prefetch_limit: int = 50
+    dense_threshold: float | None = None
+    sparse_threshold: float | None = None
 
 
 @dataclass(frozen=True)

@@ -311,10 +311,12 @@ def _to_edge_query(q: HybridQuery) -> qe.QueryRequest:
     if q.dense is not None and q.sparse is not None:
         # The top-level filter also applies to both prefetches.
         prefetches = [
-            qe.Prefetch(q.prefetch_limit, qe.Query.Nearest(q.dense, using=DENSE_VECTOR)),
+            qe.Prefetch(q.prefetch_limit, qe.Query.Nearest(q.dense, using=DENSE_VECTOR),
+                        score_threshold=q.dense_threshold),
             qe.Prefetch(
                 q.prefetch_limit,
                 qe.Query.Nearest(_to_edge_sparse(q.sparse), using=SPARSE_VECTOR),
+                score_threshold=q.sparse_threshold,
             ),
         ]
         fusion = cast(qe.Fusion, qe.Fusion.Rrf(k=RRF_K))  # stubs type Rrf apart from Fusion
@@ -323,10 +325,13 @@ def _to_edge_query(q: HybridQuery) -> qe.QueryRequest:
         )
     if q.dense is not None:
         nearest = qe.Query.Nearest(q.dense, using=DENSE_VECTOR)
+        threshold = q.dense_threshold
     else:
         assert q.sparse is not None  # check_query guarantees one of them
         nearest = qe.Query.Nearest(_to_edge_sparse(q.sparse), using=SPARSE_VECTOR)
-    return qe.QueryRequest(q.limit, query=nearest, filter=edge_filter, with_payload=True)
+        threshold = q.sparse_threshold
+    return qe.QueryRequest(q.limit, query=nearest, filter=edge_filter, with_payload=True,
+                           score_threshold=threshold)
 
 
 def _to_edge_filter(flt: PointFilter) -> qe.Filter:

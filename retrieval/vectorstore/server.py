@@ -112,7 +112,7 @@ class QdrantServerVectorStore:
             return []
         name = self._name(tenant_id)
         points: list[models.ScoredPoint] = []
-        prefetch, query, using = _query_parts(q)
+        prefetch, query, using, threshold = _query_parts(q)
         # Qdrant applies the top-level filter to every prefetch as well.
         query_filter = None if q.filter is None else _to_filter(q.filter)
         with _store_errors(f"query {name}"), _missing_is_ok():
@@ -123,6 +123,7 @@ class QdrantServerVectorStore:
                 using=using,
                 query_filter=query_filter,
                 limit=q.limit,
+                score_threshold=threshold,
                 with_payload=True,
             )
             points = response.points
@@ -238,23 +239,26 @@ _QueryParts = tuple[
     list[models.Prefetch] | None,
     models.FusionQuery | list[float] | models.SparseVector,
     str | None,
+    float | None,
 ]
 
 
 def _query_parts(q: HybridQuery) -> _QueryParts:
-    """The (prefetch, query, using) arguments of query_points for a HybridQuery."""
+    """The (prefetch, query, using, score_threshold) arguments of query_points."""
     if q.dense is not None and q.sparse is not None:
         prefetch = [
-            models.Prefetch(query=q.dense, using=DENSE_VECTOR, limit=q.prefetch_limit),
+            models.Prefetch(query=q.dense, using=DENSE_VECTOR, limit=q.prefetch_limit,
+                            score_threshold=q.dense_threshold),
             models.Prefetch(
-                query=_to_sparse(q.sparse), using=SPARSE_VECTOR, limit=q.prefetch_limit
+                query=_to_sparse(q.sparse), using=SPARSE_VECTOR, limit=q.prefetch_limit,
+                score_threshold=q.sparse_threshold,
             ),
         ]
-        return prefetch, models.FusionQuery(fusion=models.Fusion.RRF), None
+        return prefetch, models.FusionQuery(fusion=models.Fusion.RRF), None, None
     if q.dense is not None:
-        return None, q.dense, DENSE_VECTOR
+        return None, q.dense, DENSE_VECTOR, q.dense_threshold
     assert q.sparse is not None  # check_query guarantees one of them
-    return None, _to_sparse(q.sparse), SPARSE_VECTOR
+    return None, _to_sparse(q.sparse), SPARSE_VECTOR, q.sparse_threshold
 
 
 def _to_filter(flt: PointFilter) -> models.Filter:

@@ -221,6 +221,25 @@ async def test_hybrid_ranks_point_matching_both_signals_first(store: VectorStore
     assert ids(sparse_only) == [sparse_best.id, both.id]
 
 
+async def test_thresholds_drop_candidates_that_neither_side_finds_relevant(
+    store: VectorStore,
+) -> None:
+    tenant, kb, doc = uuid4(), uuid4(), uuid4()
+    close = chunk(kb=kb, doc=doc, dense=direction((0, 1.0)), terms={3: 1.0})
+    lexical = chunk(kb=kb, doc=doc, dense=direction((5, 1.0)), terms={7: 2.0})
+    unrelated = chunk(kb=kb, doc=doc, dense=direction((6, 1.0)), terms={7: 0.1})
+    await store.upsert(tenant, [close, lexical, unrelated])
+    q = HybridQuery(dense=direction((0, 1.0)), sparse=SparseVector([7], [1.0]),
+                    dense_threshold=0.5, sparse_threshold=0.5)  # IDF-weighted
+    assert set(ids(await store.query(tenant, q))) == {close.id, lexical.id}
+    dense_only = replace(q, sparse=None)
+    assert ids(await store.query(tenant, dense_only)) == [close.id]
+    sparse_only = replace(q, dense=None)
+    assert ids(await store.query(tenant, sparse_only)) == [lexical.id]
+    nothing = replace(q, dense=direction((1, 1.0)), sparse=SparseVector([9], [1.0]))
+    assert await store.query(tenant, nothing) == []
+
+
 async def test_query_honours_limit_and_returns_payload(store: VectorStore) -> None:
     tenant, kb, doc = uuid4(), uuid4(), uuid4()
     points = [chunk(kb=kb, doc=doc, dense=direction((0, 1.0), (1, i / 10))) for i in range(5)]

@@ -22,5 +22,6 @@ async def retrieve(
 ) -> RetrieveResponse:
     """Best passages of the tenant's live documents for a query, with their sources."""
     hits = await search.search(tenant_of(request), data.query, data.knowledge_base_ids,
-                               data.top_k, data.filters, data.mode)
+                               data.top_k, data.filters, data.mode,
+                               data.relevant_only)
     return RetrieveResponse(data=hits)

@@ -22,6 +22,8 @@ class RetrieveRequest(BaseModel):
     top_k: Annotated[int, Field(ge=1, le=50)] = 5
     filters: Annotated[dict[str, FilterValue] | None, Field(max_length=20)] = None
     mode: SearchMode = "hybrid"
+    # False: also passages below the relevance thresholds that chat applies.
+    relevant_only: bool = True
 
 
 class RetrievedChunk(BaseModel):

@@ -21,6 +21,7 @@ from app.domain.knowledge import unsettled
 from app.domain.search.schemas import FilterValue, RetrievedChunk, SearchMode
 from app.embeddings import Models
 from app.errors import NotFoundError
+from app.settings import ChatSettings
 from retrieval.vectorstore import (
     HybridQuery,
     PointFilter,
@@ -36,24 +37,31 @@ MIN_PREFETCH = 50
 class SearchService:
     """Finds the passages of a tenant's documents that best match a query."""
 
-    def __init__(self, db: Database, store: VectorStore, models: Models) -> None:
+    def __init__(self, db: Database, store: VectorStore, models: Models,
+                 relevance: ChatSettings | None = None) -> None:
         self.db = db
         self.store = store
         self.models = models
+        # Thresholds below which neither side counts a passage as relevant.
+        self.dense_threshold = relevance.min_dense_score if relevance else None
+        self.sparse_threshold = relevance.min_sparse_score or None if relevance else None
 
     async def search(
         self, tenant_id: uuid.UUID, query: str, kb_ids: Sequence[uuid.UUID] | None = None,
         top_k: int = 5, filters: dict[str, FilterValue] | None = None,
-        mode: SearchMode = "hybrid",
+        mode: SearchMode = "hybrid", relevant_only: bool = True,
     ) -> list[RetrievedChunk]:
-        """Top passages, best first."""
+        """Top passages, best first; with ``relevant_only``, only passages that the
+        dense or the sparse side scores above its relevance threshold."""
         hidden = await self.unsettled(tenant_id, kb_ids)
         dense, sparse = await asyncio.to_thread(self._encode, query, mode)
         flt = PointFilter(kb_ids=list(kb_ids) if kb_ids else None,
                           exclude_kb_ids=hidden.kbs or None,
                           unsettled=hidden.documents or None, metadata=filters or None)
         q = HybridQuery(dense=dense, sparse=sparse, filter=flt, limit=top_k,
-                        prefetch_limit=max(MIN_PREFETCH, top_k * PREFETCH_FACTOR))
+                        prefetch_limit=max(MIN_PREFETCH, top_k * PREFETCH_FACTOR),
+                        dense_threshold=self.dense_threshold if relevant_only else None,
+                        sparse_threshold=self.sparse_threshold if relevant_only else None)
         return [_chunk(hit) for hit in await self.store.query(tenant_id, q)]
 
     async def unsettled(

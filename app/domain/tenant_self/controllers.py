@@ -1,20 +1,26 @@
-"""``/v1/tenant`` (who am I) and ``/v1/models`` (models this tenant may use)."""
+"""``/v1/tenant`` (who am I), ``/v1/models`` (models this tenant may use) and the
+tenant's system prompt (``/v1/tenant/system-prompt``)."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
-from litestar import Request, get
+from litestar import Request, get, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath
-from pydantic import BaseModel
+from litestar.params import FromPath, JSONBody, QueryParameter
+from pydantic import BaseModel, ConfigDict
 
 from app.api.guards import requires_scope, tenant_of
 from app.auth.keys import Scope
 from app.auth.principal import TenantPrincipal
-from app.db.models import Tier
+from app.db.models import SystemMessagePolicy, SystemPromptVersion, Tenant, Tier
+from app.domain.chat.service import allowed_models
+from app.domain.tenants.prompts import PromptService
+from app.domain.tenants.schemas import SystemPrompt
 from app.domain.tenants.service import TenantService
+from app.settings import Settings
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -56,7 +62,92 @@ async def whoami(request: AnyRequest) -> WhoAmI:
 
 @get("/v1/models", summary="Models this tenant may use", tags=["chat"],
      guards=[requires_scope(Scope.chat)])
-async def list_models(request: AnyRequest, tenants: NamedDependency[TenantService]) -> ModelList:
-    """The tenant's allowed models, as OpenAI clients expect them."""
+async def list_models(request: AnyRequest, tenants: NamedDependency[TenantService],
+                      settings: NamedDependency[Settings]) -> ModelList:
+    """The tenant's allowed models (its own list, else every model the platform
+    serves), as OpenAI clients expect them."""
     tenant = await tenants.get_own(tenant_of(request))
-    return ModelList(data=[ModelCard(id=m) for m in tenant.allowed_models])
+    return ModelList(data=[ModelCard(id=m) for m in allowed_models(tenant, settings.llm)])
+
+
+class SystemPromptOut(BaseModel):
+    """The tenant's current system prompt, who set it and when, and the policy for
+    callers' own system messages."""
+
+    text: str
+    version: int | None
+    updated_by: str | None
+    updated_at: datetime | None
+    system_message_policy: SystemMessagePolicy
+
+
+class SystemPromptUpdate(BaseModel):
+    """A new prompt (kept as a new version) and/or a new policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: SystemPrompt | None = None
+    system_message_policy: SystemMessagePolicy | None = None
+
+
+class SystemPromptVersionOut(BaseModel):
+    """One version of the prompt."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    version: int
+    text: str
+    created_by: str
+    created_at: datetime
+
+
+class SystemPromptVersionPage(BaseModel):
+    """Versions, newest first."""
+
+    data: list[SystemPromptVersionOut]
+    total: int
+    limit: int
+    offset: int
+
+
+ADMIN = requires_scope(Scope.admin)
+
+
+def _prompt_out(tenant: Tenant, newest: SystemPromptVersion | None) -> SystemPromptOut:
+    return SystemPromptOut(
+        text=tenant.system_prompt, version=newest.version if newest else None,
+        updated_by=newest.created_by if newest else None,
+        updated_at=newest.created_at if newest else None,
+        system_message_policy=SystemMessagePolicy(tenant.system_message_policy))
+
+
+@get("/v1/tenant/system-prompt", summary="The tenant's system prompt", tags=["tenant"],
+     guards=[ADMIN])
+async def get_system_prompt(request: AnyRequest,
+                            prompts: NamedDependency[PromptService]) -> SystemPromptOut:
+    """The current prompt and policy."""
+    return _prompt_out(*await prompts.current(tenant_of(request)))
+
+
+@put("/v1/tenant/system-prompt", summary="Change the system prompt or policy",
+     tags=["tenant"], guards=[ADMIN])
+async def put_system_prompt(request: AnyRequest, data: JSONBody[SystemPromptUpdate],
+                            prompts: NamedDependency[PromptService]) -> SystemPromptOut:
+    """A changed text becomes a new version, recorded with the key that set it."""
+    p: TenantPrincipal = request.user
+    tenant, newest = await prompts.update(tenant_of(request), f"key:{p.key_id}", data.text,
+                                          data.system_message_policy)
+    return _prompt_out(tenant, newest)
+
+
+@get("/v1/tenant/system-prompt/versions", summary="Every version of the system prompt",
+     tags=["tenant"], guards=[ADMIN])
+async def list_system_prompt_versions(
+    request: AnyRequest, prompts: NamedDependency[PromptService],
+    limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+    offset: Annotated[int, QueryParameter(ge=0)] = 0,
+) -> SystemPromptVersionPage:
+    """Newest first, with who set each and when."""
+    rows, total = await prompts.versions(tenant_of(request), limit, offset)
+    return SystemPromptVersionPage(data=[SystemPromptVersionOut.model_validate(v) for v in rows],
+                                   total=total, limit=limit, offset=offset)

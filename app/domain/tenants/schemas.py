@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.db.models import TenantStatus, Tier
+from app.db.models import SystemMessagePolicy, TenantStatus, Tier
 
 Slug = Annotated[
     str,
@@ -43,6 +43,7 @@ class TenantCreate(TenantQuotas):
     name: Name
     tier: Tier = Tier.free
     system_prompt: SystemPrompt = ""
+    system_message_policy: SystemMessagePolicy = SystemMessagePolicy.append
     allowed_models: Annotated[list[ModelName], Field(max_length=50)] = []
 
 
@@ -52,6 +53,7 @@ class TenantUpdate(TenantQuotas):
     name: Name | None = None
     tier: Tier | None = None
     system_prompt: SystemPrompt | None = None
+    system_message_policy: SystemMessagePolicy | None = None
     allowed_models: Annotated[list[ModelName] | None, Field(max_length=50)] = None
 
 
@@ -66,6 +68,7 @@ class TenantOut(TenantQuotas):
     tier: Tier
     status: TenantStatus
     system_prompt: str
+    system_message_policy: SystemMessagePolicy
     allowed_models: list[str]
     created_at: datetime
     updated_at: datetime

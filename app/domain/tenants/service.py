@@ -10,10 +10,12 @@ from sqlmodel import col, select
 
 from app.db.engine import Database
 from app.db.models import Tenant, TenantStatus, utcnow
+from app.domain.tenants.prompts import OPERATOR, record_prompt
 from app.domain.tenants.schemas import TenantCreate, TenantUpdate
 from app.errors import ConflictError, InvalidInputError, NotFoundError
 
-NOT_NULLABLE = frozenset({"name", "tier", "system_prompt", "allowed_models"})
+NOT_NULLABLE = frozenset({"name", "tier", "system_prompt", "system_message_policy",
+                          "allowed_models"})
 
 
 class TenantService:
@@ -28,6 +30,9 @@ class TenantService:
         try:
             async with self.db.platform() as session:
                 session.add(tenant)
+                if tenant.system_prompt:
+                    await session.flush()
+                    await record_prompt(session, tenant, tenant.system_prompt, OPERATOR)
         except IntegrityError as exc:
             raise ConflictError(f"a tenant with slug {data.slug!r} already exists") from exc
         return tenant
@@ -88,6 +93,9 @@ class TenantService:
             tenant = await session.get(Tenant, tenant_id, with_for_update=True)
             if tenant is None:
                 raise NotFoundError(f"tenant {tenant_id} not found")
+            prompt = changes.pop("system_prompt", None)
+            if isinstance(prompt, str) and prompt != tenant.system_prompt:
+                await record_prompt(session, tenant, prompt, OPERATOR)
             for field, value in changes.items():
                 setattr(tenant, field, value)
             tenant.updated_at = utcnow()

@@ -1,0 +1,1 @@
+"""Retrieval-augmented chat: OpenAI-compatible completions, citations, conversations."""

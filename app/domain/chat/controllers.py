@@ -1,0 +1,120 @@
+"""``POST /v1/chat/completions`` (OpenAI wire format) and ``/v1/conversations``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.response import Stream
+from pydantic import BaseModel, ConfigDict
+
+from app.api.guards import requires_scope, tenant_of
+from app.auth.keys import Scope
+from app.domain.chat.conversations import ConversationService
+from app.domain.chat.schemas import ChatCompletionRequest
+from app.domain.chat.service import ChatService
+from app.domain.tenants.service import TenantService
+
+AnyRequest = Request[Any, Any, Any]
+CHAT = requires_scope(Scope.chat)
+EndUser = Annotated[str, QueryParameter(max_length=256,
+                                        description="The end user (the chat request's `user`)")]
+
+
+@post("/v1/chat/completions", status_code=200, tags=["chat"], guards=[CHAT],
+      summary="Chat, grounded in the tenant's documents (OpenAI-compatible)",
+      description="OpenAI's chat completion request; extras (`knowledge_base_ids`, "
+      "`retrieval`, `conversation_id`) go in the body (`extra_body` in OpenAI SDKs). The "
+      "response adds `citations` and `conversation_id`; a stream sends them in its first "
+      "chunk, before any content.")
+async def chat_completions(
+    request: AnyRequest, data: JSONBody[ChatCompletionRequest],
+    chat: NamedDependency[ChatService], tenants: NamedDependency[TenantService],
+) -> Response[Any]:
+    """Answer with citations, streamed or whole."""
+    tenant = await tenants.get_own(tenant_of(request))
+    prepared = await chat.prepare(tenant, data)
+    if data.stream:
+        return Stream(chat.stream(tenant, prepared), media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(await chat.complete(tenant, prepared))
+
+
+class ConversationOut(BaseModel):
+    """A conversation without its messages."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    end_user: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessageOut(BaseModel):
+    """One stored turn; assistant turns carry the citations they were given."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    role: str
+    content: str
+    citations: list[dict[str, Any]]
+    request_id: str | None
+    created_at: datetime
+
+
+class ConversationDetail(ConversationOut):
+    """A conversation with its messages, oldest first."""
+
+    messages: list[MessageOut]
+
+
+class ConversationPage(BaseModel):
+    """One page of conversations."""
+
+    data: list[ConversationOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ConversationController(Controller):
+    """An end user's conversations. ``user`` names the end user, as in chat requests;
+    another end user's (or tenant's) conversation is not found."""
+
+    path = "/v1/conversations"
+    tags = ["chat"]  # noqa: RUF012
+    guards = [CHAT]  # noqa: RUF012
+
+    @get("/", summary="List an end user's conversations")
+    async def list_conversations(
+        self, request: AnyRequest, conversations: NamedDependency[ConversationService],
+        user: FromQuery[EndUser] = "",
+        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+    ) -> ConversationPage:
+        rows, total = await conversations.page(tenant_of(request), user, limit, offset)
+        return ConversationPage(data=[ConversationOut.model_validate(c) for c in rows],
+                                total=total, limit=limit, offset=offset)
+
+    @get("/{conversation_id:uuid}", summary="A conversation with its messages and citations")
+    async def get_conversation(
+        self, request: AnyRequest, conversation_id: FromPath[uuid.UUID],
+        conversations: NamedDependency[ConversationService], user: FromQuery[EndUser] = "",
+    ) -> ConversationDetail:
+        conv, messages = await conversations.get(tenant_of(request), user, conversation_id)
+        return ConversationDetail(
+            **ConversationOut.model_validate(conv).model_dump(),
+            messages=[MessageOut.model_validate(m) for m in messages])
+
+    @delete("/{conversation_id:uuid}", summary="Delete a conversation")
+    async def delete_conversation(
+        self, request: AnyRequest, conversation_id: FromPath[uuid.UUID],
+        conversations: NamedDependency[ConversationService], user: FromQuery[EndUser] = "",
+    ) -> None:
+        await conversations.delete(tenant_of(request), user, conversation_id)

@@ -1,0 +1,113 @@
+"""The chat wire format: OpenAI's ``/v1/chat/completions`` request, plus our extras
+(sent by OpenAI SDKs through ``extra_body``), and the citations we add to responses."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from app.domain.search.schemas import FilterValue
+
+Role = Literal["system", "developer", "user", "assistant"]
+MAX_MESSAGES = 500
+MAX_CONTENT_CHARS = 200_000
+
+
+class TextPart(BaseModel):
+    """A text part of a message's content list; other part types are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
+
+
+class ChatMessage(BaseModel):
+    """One message; content is a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: str | list[TextPart]
+    name: Annotated[str | None, Field(max_length=64)] = None
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        if isinstance(value, str) and len(value) > MAX_CONTENT_CHARS:
+            raise ValueError(f"message content is longer than {MAX_CONTENT_CHARS} characters")
+        return value
+
+    @property
+    def text(self) -> str:
+        """The content as plain text."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class RetrievalOptions(BaseModel):
+    """How (and whether) to ground the answer in the tenant's knowledge bases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    top_k: Annotated[int | None, Field(ge=1, le=50)] = None
+    filters: Annotated[dict[str, FilterValue] | None, Field(max_length=20)] = None
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's stream options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request, with our extras."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[int | None, Field(ge=1)] = None
+    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
+    top_p: Annotated[float | None, Field(gt=0, le=1)] = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    presence_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
+    frequency_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
+    seed: int | None = None
+    user: Annotated[str | None, Field(max_length=256)] = None
+    store: bool = True  # keep the exchange as a conversation (OpenAI's own flag)
+    # Our extras.
+    knowledge_base_ids: Annotated[list[uuid.UUID] | None, Field(max_length=100)] = None
+    retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
+    conversation_id: uuid.UUID | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling parameters to pass upstream as given."""
+        keys = ("temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class Citation(BaseModel):
+    """A numbered passage the answer may cite as ``[index]``."""
+
+    index: int
+    chunk_id: uuid.UUID
+    document_id: uuid.UUID
+    kb_id: uuid.UUID
+    filename: str
+    page: int | None
+    char_start: int
+    char_end: int
+    heading_path: list[str]
+    score: float
+    snippet: str

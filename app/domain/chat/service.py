@@ -1,0 +1,262 @@
+"""The chat path: tenant rules -> retrieval -> prompt within the context window ->
+generation -> citations and the stored conversation.
+
+Generation goes to one OpenAI-compatible endpoint (``LLM_BASE_URL``) until the dispatch
+layer routes across pools.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.db.models import SystemMessagePolicy, Tenant
+from app.domain.chat.conversations import ConversationService
+from app.domain.chat.prompt import (
+    PromptParts,
+    build_messages,
+    caller_instructions,
+    token_upper_bound,
+)
+from app.domain.chat.schemas import ChatCompletionRequest, Citation
+from app.domain.search.schemas import RetrievedChunk
+from app.domain.search.service import SearchService
+from app.domain.tenants.limits import effective_limit
+from app.errors import (
+    BadRequestError,
+    ContextLengthError,
+    DomainError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from app.inference.upstream import Upstream
+from app.settings import ChatSettings, LlmSettings
+
+log = logging.getLogger(__name__)
+SHORT_QUESTION_WORDS = 6
+
+
+def allowed_models(tenant: Tenant, llm: LlmSettings) -> list[str]:
+    """Models this tenant may use: its own list, else every model the platform serves."""
+    served = list(llm.models)
+    return [m for m in tenant.allowed_models if m in served] if tenant.allowed_models else served
+
+
+@dataclass
+class Prepared:
+    """A request ready to send upstream, and what to do with the answer."""
+
+    request_id: str
+    created: int
+    model: str
+    body: dict[str, Any]
+    citations: list[Citation]
+    conversation_id: uuid.UUID | None
+    turns: list[dict[str, str]]
+    include_usage: bool
+    prompt_tokens_bound: int
+    answer: list[str] = field(default_factory=list)
+
+    def citation_dicts(self) -> list[dict[str, Any]]:
+        """Citations as JSON-ready dicts."""
+        return [c.model_dump(mode="json") for c in self.citations]
+
+
+class ChatService:
+    """Answers a chat request grounded in the tenant's documents."""
+
+    def __init__(self, search: SearchService, conversations: ConversationService,
+                 upstream: Upstream, llm: LlmSettings, chat: ChatSettings,
+                 cache_salt_key: bytes) -> None:
+        self.search = search
+        self.conversations = conversations
+        self.upstream = upstream
+        self.llm = llm
+        self.chat = chat
+        self._salt_key = cache_salt_key
+
+    async def prepare(self, tenant: Tenant, req: ChatCompletionRequest) -> Prepared:
+        """Check the request against the tenant's rules, retrieve, and build the prompt."""
+        if req.model not in allowed_models(tenant, self.llm):
+            if req.model not in self.llm.models:
+                raise NotFoundError(f"model {req.model!r} does not exist; see GET /v1/models")
+            raise PermissionDeniedError(f"this tenant may not use model {req.model!r}",
+                                        model=req.model)
+        policy = SystemMessagePolicy(tenant.system_message_policy)
+        caller_system = caller_instructions(req.messages, policy)
+        turns = [{"role": m.role, "content": m.text} for m in req.messages
+                 if m.role not in ("system", "developer")]
+        if not turns or turns[-1]["role"] != "user":
+            raise BadRequestError("the last message must be the user's")
+        end_user = req.user or ""
+        history: list[dict[str, str]] = []
+        conversation_id = req.conversation_id
+        if conversation_id is not None:
+            history = await self.conversations.history(
+                tenant.id, end_user, conversation_id, self.chat.max_history_messages)
+        elif req.store:
+            conversation_id = await self.conversations.start(tenant.id, end_user,
+                                                             turns[-1]["content"])
+        passages = await self._retrieve(tenant, req, history, turns)
+        max_tokens = self._max_tokens(tenant, req)
+        parts = PromptParts(tenant_prompt=tenant.system_prompt, policy=policy,
+                            caller_system=caller_system, passages=passages,
+                            history=history, turns=turns)
+        messages, bound, kept = await self._fit(req.model, parts, max_tokens)
+        citations = [_citation(i, p, self.chat.snippet_chars)
+                     for i, p in enumerate((passages or [])[:kept], start=1)]
+        body: dict[str, Any] = {
+            "model": req.model, "messages": messages, "max_tokens": max_tokens,
+            "stream": req.stream, **req.sampling(),
+            # vLLM keys its prefix cache by this too: no tenant can probe another's.
+            "cache_salt": self._cache_salt(tenant.id),
+        }
+        if req.stream:
+            body["stream_options"] = {"include_usage": True}
+        return Prepared(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+            model=req.model, body=body, citations=citations,
+            conversation_id=conversation_id if req.store else None, turns=turns,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            prompt_tokens_bound=bound,
+        )
+
+    async def complete(self, tenant: Tenant, p: Prepared) -> dict[str, Any]:
+        """A non-streaming answer, in OpenAI's format plus citations."""
+        response = await self.upstream.complete(p.body)
+        response["id"], response["model"], response["created"] = p.request_id, p.model, p.created
+        response["citations"] = p.citation_dicts()
+        response["conversation_id"] = str(p.conversation_id) if p.conversation_id else None
+        choices = response.get("choices") or [{}]
+        await self._record(tenant, p, str((choices[0].get("message") or {}).get("content") or ""))
+        return response
+
+    async def stream(self, tenant: Tenant, p: Prepared) -> AsyncIterator[bytes]:
+        """Server-sent events: a first chunk with the citations, the upstream's chunks,
+        then ``[DONE]``. An upstream failure mid-stream ends the stream with an error
+        event (and ``[DONE]``) instead of cutting it."""
+        first = self._chunk(p, {"role": "assistant", "content": ""})
+        first["citations"] = p.citation_dicts()
+        first["conversation_id"] = str(p.conversation_id) if p.conversation_id else None
+        yield _sse(first)
+        try:
+            async for event in self.upstream.stream(p.body):
+                chunk = event.chunk
+                if chunk is None:
+                    break
+                chunk["id"], chunk["model"], chunk["created"] = p.request_id, p.model, p.created
+                for choice in chunk.get("choices") or []:
+                    p.answer.append(str((choice.get("delta") or {}).get("content") or ""))
+                if not chunk.get("choices") and chunk.get("usage") is not None:
+                    if p.include_usage:
+                        yield _sse(chunk)
+                    continue
+                if not p.include_usage:
+                    chunk.pop("usage", None)
+                yield _sse(chunk)
+        except DomainError as exc:
+            log.warning("stream %s ended by an upstream failure: %s", p.request_id, exc)
+            yield _sse({"error": {"message": exc.detail, "type": exc.code, "code": exc.code}})
+        finally:
+            await self._record(tenant, p, "".join(p.answer))
+        yield b"data: [DONE]\n\n"
+
+    def _chunk(self, p: Prepared, delta: dict[str, Any]) -> dict[str, Any]:
+        return {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
+                "model": p.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": None}]}
+
+    async def _record(self, tenant: Tenant, p: Prepared, answer: str) -> None:
+        if p.conversation_id is None:
+            return
+        try:
+            await self.conversations.record(tenant.id, p.conversation_id, p.turns, answer,
+                                            p.citation_dicts(), p.request_id)
+        except Exception:  # the answer was delivered; losing its copy must not fail it
+            log.exception("could not store the turn of conversation %s", p.conversation_id)
+
+    async def _retrieve(
+        self, tenant: Tenant, req: ChatCompletionRequest, history: list[dict[str, str]],
+        turns: list[dict[str, str]],
+    ) -> list[RetrievedChunk] | None:
+        if not req.retrieval.enabled:
+            return None
+        question = turns[-1]["content"]
+        if len(question.split()) < SHORT_QUESTION_WORDS:
+            # A short follow-up ("and for contractors?") leans on the previous question.
+            earlier = [t["content"] for t in [*history, *turns[:-1]] if t["role"] == "user"]
+            if earlier:
+                question = f"{earlier[-1]}\n{question}"
+        return await self.search.search(
+            tenant.id, question[:4000], req.knowledge_base_ids,
+            req.retrieval.top_k or self.chat.top_k, req.retrieval.filters)
+
+    def _max_tokens(self, tenant: Tenant, req: ChatCompletionRequest) -> int:
+        asked = req.max_completion_tokens or req.max_tokens or self.llm.default_max_tokens
+        cap = effective_limit(tenant, "max_output_tokens")
+        return min(asked, cap) if cap is not None else asked
+
+    async def _fit(self, model: str, parts: PromptParts,
+                   max_tokens: int) -> tuple[list[dict[str, str]], int, int]:
+        """The messages, trimmed to fit the context window with room for the answer:
+        oldest history first, then the lowest-ranked passages. Returns them with the
+        prompt's token count (exact, or a bound when it clearly fits) and how many
+        passages they kept."""
+        everything = len(parts.passages or [])
+        window = await self.upstream.context_window(model)
+        budget = window - max_tokens
+        if budget <= 0:
+            raise ContextLengthError(f"max_tokens {max_tokens} leaves no room for a prompt "
+                                     f"in the model's {window}-token context window")
+        messages = build_messages(parts)
+        bound = token_upper_bound(messages)
+        if bound <= budget:
+            return messages, bound, everything
+        count = await self.upstream.count_prompt_tokens(model, messages)
+        if count <= budget:
+            return messages, count, everything
+        # Drop the fewest oldest history messages that make it fit (binary search).
+        lo, hi = 1, len(parts.history)
+        best: tuple[list[dict[str, str]], int] | None = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            candidate = build_messages(parts, history_from=mid)
+            n = await self.upstream.count_prompt_tokens(model, candidate)
+            if n <= budget:
+                best, hi = (candidate, n), mid - 1
+            else:
+                lo = mid + 1
+        if best is not None:
+            return best[0], best[1], everything
+        for keep in range(everything - 1, -1, -1):
+            candidate = build_messages(parts, history_from=len(parts.history), passages=keep)
+            n = await self.upstream.count_prompt_tokens(model, candidate)
+            if n <= budget:
+                return candidate, n, keep
+        raise ContextLengthError(
+            f"the message is too long: {count} prompt tokens with no history or passages "
+            f"do not fit the model's {window}-token window with max_tokens {max_tokens}",
+            context_window=window)
+
+    def _cache_salt(self, tenant_id: uuid.UUID) -> str:
+        return hmac.new(self._salt_key, tenant_id.bytes, hashlib.sha256).hexdigest()[:32]
+
+
+def _citation(index: int, chunk: RetrievedChunk, snippet_chars: int) -> Citation:
+    return Citation(index=index, chunk_id=chunk.chunk_id, document_id=chunk.document_id,
+                    kb_id=chunk.kb_id, filename=chunk.filename, page=chunk.page,
+                    char_start=chunk.char_start, char_end=chunk.char_end,
+                    heading_path=chunk.heading_path, score=chunk.score,
+                    snippet=chunk.text[:snippet_chars])
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"

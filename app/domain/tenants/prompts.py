@@ -1,0 +1,83 @@
+"""The tenant's system prompt, versioned: every change is kept with who made it and when.
+
+The current text also lives on ``tenants.system_prompt`` (what the chat path reads);
+``system_prompts`` holds the history. Both are written in one transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import func
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.db.engine import Database
+from app.db.models import SystemMessagePolicy, SystemPromptVersion, Tenant, utcnow
+from app.errors import NotFoundError
+
+OPERATOR = "operator"
+
+
+async def record_prompt(session: AsyncSession, tenant: Tenant, text: str,
+                        by: str) -> SystemPromptVersion:
+    """Make ``text`` the tenant's prompt and keep it as a new version (tenant row locked
+    by the caller, so versions are numbered without gaps or clashes)."""
+    newest = (await session.exec(
+        select(func.coalesce(func.max(SystemPromptVersion.version), 0))
+        .where(col(SystemPromptVersion.tenant_id) == tenant.id))).one()
+    version = SystemPromptVersion(tenant_id=tenant.id, version=int(newest) + 1, text=text,
+                                  created_by=by)
+    session.add(version)
+    tenant.system_prompt = text
+    return version
+
+
+class PromptService:
+    """Read and change a tenant's system prompt and its policy for callers' own
+    system messages."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def current(self, tenant_id: uuid.UUID) -> tuple[Tenant, SystemPromptVersion | None]:
+        """The tenant (prompt and policy) and the newest version row, if any."""
+        async with self.db.tenant(tenant_id) as session:
+            tenant = await _tenant(session, tenant_id)
+            newest = (await session.exec(
+                select(SystemPromptVersion).order_by(col(SystemPromptVersion.version).desc())
+                .limit(1))).first()
+        return tenant, newest
+
+    async def update(
+        self, tenant_id: uuid.UUID, by: str, text: str | None,
+        policy: SystemMessagePolicy | None,
+    ) -> tuple[Tenant, SystemPromptVersion | None]:
+        """Set a new prompt (a new version) and/or the policy."""
+        async with self.db.tenant(tenant_id) as session:
+            tenant = await _tenant(session, tenant_id, lock=True)
+            if text is not None and text != tenant.system_prompt:
+                await record_prompt(session, tenant, text, by)
+            if policy is not None:
+                tenant.system_message_policy = policy
+            tenant.updated_at = utcnow()
+            session.add(tenant)
+        return await self.current(tenant_id)
+
+    async def versions(self, tenant_id: uuid.UUID, limit: int,
+                       offset: int) -> tuple[list[SystemPromptVersion], int]:
+        """Every version, newest first, and their total."""
+        async with self.db.tenant(tenant_id) as session:
+            total = (await session.exec(
+                select(func.count()).select_from(SystemPromptVersion))).one()
+            rows = (await session.exec(
+                select(SystemPromptVersion).order_by(col(SystemPromptVersion.version).desc())
+                .limit(limit).offset(offset))).all()
+        return list(rows), int(total)
+
+
+async def _tenant(session: AsyncSession, tenant_id: uuid.UUID, lock: bool = False) -> Tenant:
+    tenant = await session.get(Tenant, tenant_id, with_for_update=lock)
+    if tenant is None:
+        raise NotFoundError(f"tenant {tenant_id} not found")
+    return tenant

@@ -1,0 +1,1 @@
+"""Generation: the OpenAI-compatible upstream (vLLM) the chat path sends prompts to."""
