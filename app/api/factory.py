@@ -47,6 +47,7 @@ from app.errors import ServiceUnavailableError
 from app.inference.upstream import Upstream
 from app.settings import Settings
 from app.stores import vector_store_config
+from retrieval.rerank import Reranker
 from retrieval.vectorstore import open_vector_store
 
 Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
@@ -77,6 +78,8 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             loaded = models if models is not None else await asyncio.to_thread(
                 load_models, settings.ingest)
             check_vector_size(loaded, settings.qdrant.dense_dim)
+            rerank_model = settings.chat.rerank_model
+            reranker = await asyncio.to_thread(Reranker, rerank_model) if rerank_model else None
             upstream = Upstream(settings.llm.base_url, settings.llm) if settings.llm.base_url \
                 else None
             if upstream is not None:
@@ -84,6 +87,7 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             admin_key = settings.auth.platform_admin_key
             app.state.update(
                 db=db, redis=redis, vector_store=vector_store, models=loaded, upstream=upstream,
+                reranker=reranker,
                 authenticator=ApiKeyAuthenticator(
                     db, settings.auth.key_pepper.get_secret_value(),
                     admin_key.get_secret_value() if admin_key else None,
@@ -119,7 +123,8 @@ def provide_documents(state: State) -> DocumentService:
 
 def provide_search(state: State) -> SearchService:
     """The retrieval service."""
-    return SearchService(state.db, state.vector_store, state.models, state.settings.chat)
+    return SearchService(state.db, state.vector_store, state.models, state.settings.chat,
+                         state.reranker)
 
 
 def provide_settings(state: State) -> Settings:

@@ -22,6 +22,7 @@ from app.domain.search.schemas import FilterValue, RetrievedChunk, SearchMode
 from app.embeddings import Models
 from app.errors import NotFoundError
 from app.settings import ChatSettings
+from retrieval.rerank import Reranker, rerank
 from retrieval.vectorstore import (
     HybridQuery,
     PointFilter,
@@ -31,6 +32,7 @@ from retrieval.vectorstore import (
 )
 
 PREFETCH_FACTOR = 5
+RERANK_FACTOR, RERANK_MAX = 4, 50
 MIN_PREFETCH = 50
 
 
@@ -38,10 +40,11 @@ class SearchService:
     """Finds the passages of a tenant's documents that best match a query."""
 
     def __init__(self, db: Database, store: VectorStore, models: Models,
-                 relevance: ChatSettings | None = None) -> None:
+                 relevance: ChatSettings | None = None, reranker: Reranker | None = None) -> None:
         self.db = db
         self.store = store
         self.models = models
+        self.reranker = reranker
         # Thresholds below which neither side counts a passage as relevant.
         self.dense_threshold = relevance.min_dense_score if relevance else None
         self.sparse_threshold = relevance.min_sparse_score or None if relevance else None
@@ -58,11 +61,18 @@ class SearchService:
         flt = PointFilter(kb_ids=list(kb_ids) if kb_ids else None,
                           exclude_kb_ids=hidden.kbs or None,
                           unsettled=hidden.documents or None, metadata=filters or None)
-        q = HybridQuery(dense=dense, sparse=sparse, filter=flt, limit=top_k,
+        # With a reranker, fetch a wider candidate set and let it choose the best.
+        limit = min(RERANK_MAX, max(top_k * RERANK_FACTOR, top_k)) if self.reranker else top_k
+        q = HybridQuery(dense=dense, sparse=sparse, filter=flt, limit=limit,
                         prefetch_limit=max(MIN_PREFETCH, top_k * PREFETCH_FACTOR),
                         dense_threshold=self.dense_threshold if relevant_only else None,
                         sparse_threshold=self.sparse_threshold if relevant_only else None)
-        return [_chunk(hit) for hit in await self.store.query(tenant_id, q)]
+        hits = [_chunk(hit) for hit in await self.store.query(tenant_id, q)]
+        if self.reranker is None or not hits:
+            return hits
+        scores = await asyncio.to_thread(self.reranker.scores, query, [h.text for h in hits])
+        return [h.model_copy(update={"score": score})
+                for h, score in rerank(hits, scores, top_k)]
 
     async def unsettled(
         self, tenant_id: uuid.UUID, kb_ids: Sequence[uuid.UUID] | None
