@@ -38,5 +38,10 @@ lock: install
 	$(BIN)/python -m pip freeze --exclude-editable \
 		| grep -v -E '^(-e |torch==|nvidia-|triton==)' > $(LOCK)
 
+## Install the local vLLM CPU server's own venv and convert its model (once; VLLM_CACHE_DIR).
+.PHONY: vllm
+vllm: install
+	$(BIN)/python -m app.llm.local_vllm prepare
+
 clean-data:
 	rm -rf .data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -107,13 +108,15 @@ def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
     settings.worker.embedded = True
     data_dir = settings.server.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    with EmbeddedStack(data_dir) as stack:
+    with EmbeddedStack(data_dir) as stack, contextlib.ExitStack() as servers:
         endpoints = stack.start()
         settings.database.url = settings.database.url or endpoints.database_url
         settings.redis.url = settings.redis.url or endpoints.redis_url
         if settings.auth.platform_admin_key is None:
             settings.auth.platform_admin_key = SecretStr(ensure_admin_key(data_dir))
         asyncio.run(migrate(settings.database))
+        if settings.llm.base_url is None and settings.llm.start_local:
+            settings.llm.base_url = _start_local_vllm(servers, data_dir)
         write_stack_file(data_dir, settings.database.url, settings.redis.url)
         try:
             _announce(settings)
@@ -124,6 +127,19 @@ def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
             remove_stack_file(data_dir)
 
 
+def _start_local_vllm(servers: contextlib.ExitStack, data_dir: Path) -> str:
+    """The default generation server of the dev stack: vLLM on the CPU with SmolLM2-135M
+    (installed into ``.cache/vllm`` on first use, several minutes; then reused)."""
+    from app.llm.local_vllm import LocalVLLM, default_cache_dir, prepare
+
+    typer.echo("preparing the local vLLM server (the first time installs it: minutes)...",
+               err=True)
+    prepared = prepare(default_cache_dir())
+    typer.echo("starting the local vLLM server (about a minute)...", err=True)
+    server = servers.enter_context(LocalVLLM(prepared, data_dir / "vllm"))
+    return server.base_url
+
+
 def _announce(settings: Settings) -> None:
     base = f"http://{settings.server.host}:{settings.server.port}"
     admin = settings.auth.platform_admin_key
@@ -132,6 +148,8 @@ def _announce(settings: Settings) -> None:
     typer.echo(f"  base URL:            {base}")
     typer.echo(f"  API docs (OpenAPI):  {base}/docs")
     typer.echo(f"  platform admin key:  {key}")
+    typer.echo(f"  generation server:   {settings.llm.base_url} (models: "
+               f"{', '.join(settings.llm.models)})")
     typer.echo(f"  data folder:         {settings.server.data_dir.resolve()}")
     typer.echo("  stop with Ctrl-C\n")
 

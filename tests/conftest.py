@@ -39,6 +39,8 @@ from app.settings import (
 from tests.support import PLATFORM_KEY, TEST_PEPPER, plain_dsn, with_database
 from workers.embedded import embedded_workers
 
+pytest_plugins = ["tests.llm_server"]  # the session's vLLM server (started on first use)
+
 
 @pytest.fixture(scope="session")
 def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:

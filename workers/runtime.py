@@ -112,7 +112,8 @@ class WorkerRuntime:
         else:
             self.store = self._given_store  # embedded mode: the API process's own store
         batcher = EmbeddingBatcher(models.dense.embed, max_batch=s.ingest.coalesce_max_texts,
-                                   max_wait_s=s.ingest.coalesce_wait_s)
+                                   max_wait_s=s.ingest.coalesce_wait_s,
+                                   eager_batch=s.ingest.coalesce_eager_texts)
         self._stack.callback(batcher.close)
         self.pipeline = IngestPipeline(self.db, self.store, models, s.ingest, batcher)
         self._relay = OutboxRelay(self.db, self.broker, {

