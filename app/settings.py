@@ -111,7 +111,7 @@ class IngestSettings(BaseSettings):
     coalesce_max_texts: int = Field(default=256, ge=1)
     coalesce_wait_s: float = Field(default=0.5, ge=0)
     # ...but run as soon as this many wait (texts queued while the model was busy).
-    coalesce_eager_texts: int = Field(default=64, ge=1)
+    coalesce_eager_texts: int = Field(default=256, ge=1)
     message_time_limit_s: int = Field(default=900, ge=10)
     max_attempts: int = Field(default=5, ge=1, le=50)
     resend_queued_after_s: int = Field(default=300, ge=1)
