@@ -349,3 +349,25 @@ async def test_generation_server_down_is_a_clear_502(
         app.state.upstream = working
 
 
+
+
+async def test_a_stream_the_client_leaves_is_still_stored(acme: ChatTenant) -> None:
+    stream = await acme.openai.chat.completions.create(
+        model=MODEL, max_tokens=200, user="dave", stream=True,
+        messages=[{"role": "user", "content": "Tell me about the travel policy in detail."}])
+    conv_id = None
+    async for chunk in stream:
+        conv_id = conv_id or (chunk.model_extra or {}).get("conversation_id")
+        if chunk.choices and chunk.choices[0].delta.content:
+            break  # the user closes the tab after the first words
+    await stream.close()
+    assert conv_id
+    for _ in range(100):
+        got = await acme.client.get(f"/v1/conversations/{conv_id}", headers=acme.headers,
+                                    params={"user": "dave"})
+        roles = [m["role"] for m in got.json()["messages"]]
+        if roles == ["user", "assistant"]:
+            break
+        await asyncio.sleep(0.2)
+    assert roles == ["user", "assistant"]
+    assert got.json()["messages"][1]["citations"]

@@ -7,6 +7,7 @@ layer routes across pools.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -166,7 +167,9 @@ class ChatService:
             log.warning("stream %s ended by an upstream failure: %s", p.request_id, exc)
             yield _sse({"error": {"message": exc.detail, "type": exc.code, "code": exc.code}})
         finally:
-            await self._record(tenant, p, "".join(p.answer))
+            # Shielded: a client that disconnects cancels this generator, but what was
+            # generated is still stored.
+            await asyncio.shield(self._record(tenant, p, "".join(p.answer)))
         yield b"data: [DONE]\n\n"
 
     def _chunk(self, p: Prepared, delta: dict[str, Any]) -> dict[str, Any]:
