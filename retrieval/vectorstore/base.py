@@ -19,8 +19,9 @@ KB_ID_KEY = "kb_id"
 DOCUMENT_ID_KEY = "document_id"
 VERSION_KEY = "version"
 METADATA_PREFIX = "meta"
-# Qdrant's default RRF constant; the embedded engine needs it spelled out.
-RRF_K = 2
+# RRF constant, the same in both adapters. Qdrant's default is 2 (top-heavy); 10 won on
+# bench/retrieval_quality.py over 2 and 60 (BENCHMARKS.md).
+RRF_K = 10
 # Bounds one write request (server body size) and one GIL-holding embedded call.
 UPSERT_BATCH_SIZE = 256
 

@@ -18,6 +18,7 @@ from retrieval.vectorstore.base import (
     DENSE_VECTOR,
     DOCUMENT_ID_KEY,
     KB_ID_KEY,
+    RRF_K,
     SPARSE_VECTOR,
     VERSION_KEY,
     AnyGroup,
@@ -237,7 +238,7 @@ def _to_sparse(vector: SparseVector) -> models.SparseVector:
 
 _QueryParts = tuple[
     list[models.Prefetch] | None,
-    models.FusionQuery | list[float] | models.SparseVector,
+    models.RrfQuery | list[float] | models.SparseVector,
     str | None,
     float | None,
 ]
@@ -254,7 +255,7 @@ def _query_parts(q: HybridQuery) -> _QueryParts:
                 score_threshold=q.sparse_threshold,
             ),
         ]
-        return prefetch, models.FusionQuery(fusion=models.Fusion.RRF), None, None
+        return prefetch, models.RrfQuery(rrf=models.Rrf(k=RRF_K)), None, None
     if q.dense is not None:
         return None, q.dense, DENSE_VECTOR, q.dense_threshold
     assert q.sparse is not None  # check_query guarantees one of them
