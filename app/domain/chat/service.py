@@ -102,9 +102,6 @@ class ChatService:
         if conversation_id is not None:
             history = await self.conversations.history(
                 tenant.id, end_user, conversation_id, self.chat.max_history_messages)
-        elif req.store:
-            conversation_id = await self.conversations.start(tenant.id, end_user,
-                                                             turns[-1]["content"])
         passages = await self._retrieve(tenant, req, history, turns)
         max_tokens = self._max_tokens(tenant, req)
         # Earlier turns sent with the request are history too: trimmed first if too long.
@@ -122,6 +119,9 @@ class ChatService:
         }
         if req.stream:
             body["stream_options"] = {"include_usage": True}
+        if conversation_id is None and req.store:  # last: a refused request leaves none
+            conversation_id = await self.conversations.start(tenant.id, end_user,
+                                                             turns[-1]["content"])
         return Prepared(
             request_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
             model=req.model, body=body, citations=citations,
