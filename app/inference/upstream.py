@@ -29,6 +29,36 @@ class StreamEvent:
     chunk: dict[str, Any] | None  # None for the final [DONE]
 
 
+class UpstreamStream:
+    """An open streaming response: iterate its events once, then it is closed."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """The parsed ``data:`` events, ending with the ``[DONE]`` marker (chunk None).
+        A failure mid-stream raises UpstreamError."""
+        try:
+            async for line in self._response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == DONE:
+                    yield StreamEvent(None)
+                    return
+                yield StreamEvent(json.loads(data))
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError(f"generation server timed out mid-stream: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"generation server failed mid-stream: {exc}") from exc
+        finally:
+            await self._response.aclose()
+
+    async def close(self) -> None:
+        """Close without reading (the client went away before we started)."""
+        await self._response.aclose()
+
+
 class Upstream:
     """An OpenAI-compatible server at ``base_url`` (ending in ``/v1``)."""
 
@@ -80,10 +110,10 @@ class Upstream:
         """A non-streaming chat completion."""
         return await self._post_json(f"{self.base_url}/chat/completions", body)
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[StreamEvent]:
-        """A streaming chat completion, event by event. Errors before the first event
-        raise UpstreamError; errors after it raise too, and the caller ends its own
-        stream cleanly."""
+    async def open_stream(self, body: dict[str, Any]) -> UpstreamStream:
+        """Send a streaming chat completion and wait for the response headers. Connect
+        errors, timeouts and error statuses raise here, before the caller has sent
+        anything to its own client (so it can answer 502/504, or try elsewhere)."""
         request = self._client.build_request("POST", f"{self.base_url}/chat/completions",
                                              json=body)
         try:
@@ -92,24 +122,13 @@ class Upstream:
             raise UpstreamTimeoutError(f"generation server timed out: {exc}") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"generation server unreachable: {exc}") from exc
-        try:
-            if response.status_code >= 400:
+        if response.status_code >= 400:
+            try:
                 await response.aread()
-                raise _status_error(response)
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == DONE:
-                    yield StreamEvent(None)
-                    return
-                yield StreamEvent(json.loads(data))
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(f"generation server timed out mid-stream: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"generation server failed mid-stream: {exc}") from exc
-        finally:
-            await response.aclose()
+            finally:
+                await response.aclose()
+            raise _status_error(response)
+        return UpstreamStream(response)
 
     async def _get_json(self, url: str) -> dict[str, Any]:
         return await self._send(self._client.build_request("GET", url))

@@ -340,12 +340,17 @@ async def test_generation_server_down_is_a_clear_502(
     acme: ChatTenant, app: Litestar, settings: Settings,
 ) -> None:
     working = app.state.upstream
-    app.state.upstream = Upstream("http://127.0.0.1:9/v1", settings.llm)
+    # The window is known, so the request gets as far as generating (nothing to trim).
+    dead = settings.llm.model_copy(update={"context_window": 2048})
+    app.state.upstream = Upstream("http://127.0.0.1:9/v1", dead)
     try:
-        resp = await acme.client.post(
-            "/v1/chat/completions", headers=acme.headers,
-            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
-        assert resp.status_code == 502 and resp.json()["code"] == "upstream_error"
+        for stream in (False, True):  # a stream fails with a status too, not a 200
+            resp = await acme.client.post(
+                "/v1/chat/completions", headers=acme.headers,
+                json={"model": MODEL, "stream": stream, "retrieval": {"enabled": False},
+                      "messages": [{"role": "user", "content": "hi"}]})
+            assert resp.status_code == 502, (stream, resp.text)
+            assert resp.json()["code"] == "upstream_error"
     finally:
         await app.state.upstream.close()
         app.state.upstream = working

@@ -39,7 +39,8 @@ async def chat_completions(
     tenant = await tenants.get_own(tenant_of(request))
     prepared = await chat.prepare(tenant, data)
     if data.stream:
-        return Stream(chat.stream(tenant, prepared), media_type="text/event-stream",
+        upstream = await chat.open_stream(prepared)  # 502/504 here, not mid-stream
+        return Stream(chat.stream(tenant, prepared, upstream), media_type="text/event-stream",
                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return Response(await chat.complete(tenant, prepared))
 

@@ -37,7 +37,7 @@ from app.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from app.inference.upstream import Upstream
+from app.inference.upstream import Upstream, UpstreamStream
 from app.settings import ChatSettings, LlmSettings
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,13 @@ class ChatService:
         await self._record(tenant, p, str((choices[0].get("message") or {}).get("content") or ""))
         return response
 
-    async def stream(self, tenant: Tenant, p: Prepared) -> AsyncIterator[bytes]:
+    async def open_stream(self, p: Prepared) -> UpstreamStream:
+        """Start generating; an unreachable or failing upstream raises here, while the
+        client can still get a proper error status."""
+        return await self.upstream.open_stream(p.body)
+
+    async def stream(self, tenant: Tenant, p: Prepared,
+                     upstream: UpstreamStream) -> AsyncIterator[bytes]:
         """Server-sent events: a first chunk with the citations, the upstream's chunks,
         then ``[DONE]``. An upstream failure mid-stream ends the stream with an error
         event (and ``[DONE]``) instead of cutting it."""
@@ -149,7 +155,7 @@ class ChatService:
         first["conversation_id"] = str(p.conversation_id) if p.conversation_id else None
         yield _sse(first)
         try:
-            async for event in self.upstream.stream(p.body):
+            async for event in upstream.events():
                 chunk = event.chunk
                 if chunk is None:
                     break
