@@ -77,6 +77,9 @@ class _EmbeddedServer:
 
     name = "server"
     stop_signal = signal.SIGTERM
+    start_timeout_s = _START_TIMEOUT_S
+    poll_s = _POLL_S
+    error: type[EmbeddedServiceError] = EmbeddedServiceError
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir.expanduser().absolute()
@@ -126,19 +129,19 @@ class _EmbeddedServer:
         """Poll `probe` until it answers; raise with the log tail if the child dies or stalls."""
         child = self._child
         assert child is not None
-        deadline = time.monotonic() + _START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while (answer := probe()) is None:
             code = child.poll()
             if code is None and time.monotonic() < deadline:
-                time.sleep(_POLL_S)
+                time.sleep(self.poll_s)
                 continue
             problem = (
                 f"exited with status {code}"
                 if code is not None
-                else f"was not ready within {_START_TIMEOUT_S:.0f} s"
+                else f"was not ready within {self.start_timeout_s:.0f} s"
             )
             msg = f"{self.name} {problem} after start; end of {self._log}:\n{_tail(self._log)}"
-            raise EmbeddedServiceError(msg)
+            raise self.error(msg)
         return answer
 
 

@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -56,9 +55,9 @@ import psutil
 from app.embedded import (
     _STOP_TIMEOUT_S,
     EmbeddedServiceError,
+    _EmbeddedServer,
     _OwnerLock,
     _spawn,
-    _stop_child,
     _tail,
 )
 
@@ -89,7 +88,7 @@ _CHILD_ENV_SET = {
 _CHILD_ENV_UNSET = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
 
 
-class LocalVLLMError(RuntimeError):
+class LocalVLLMError(EmbeddedServiceError):
     """The vLLM environment could not be prepared, or the server did not start."""
 
 
@@ -136,13 +135,19 @@ def prepare(cache_dir: Path) -> PreparedVLLM:
     return PreparedVLLM(python=python, model_dir=model_dir)
 
 
-class LocalVLLM:
+class LocalVLLM(_EmbeddedServer):
     """A vLLM OpenAI-compatible server, our child process; a context manager that stops it.
 
-    `start()` picks a free port unless one is given and returns once ``/health`` answers 200
-    and ``/v1/models`` lists the model (about 50 s on a CPU). It takes a lock on `data_dir`
-    (``vllm.lock``), so one folder serves one server at a time.
+    The start/stop lifecycle (folder lock, parent-death signal, readiness polling with the
+    log's tail on failure) is the embedded servers' own. `start()` picks a free port
+    unless one is given and returns once ``/health`` answers 200 and ``/v1/models`` lists
+    the model (about 50 s on a CPU). It takes a lock on `data_dir` (``vllm.lock``), so
+    one folder serves one server at a time.
     """
+
+    name = "vLLM"
+    poll_s = _POLL_S
+    error = LocalVLLMError
 
     def __init__(
         self,
@@ -157,9 +162,11 @@ class LocalVLLM:
         kv_cache_gib: int = 1,
         start_timeout_s: float = 240.0,
     ) -> None:
+        super().__init__(data_dir)
         self.prepared = prepared
-        self.data_dir = data_dir.expanduser().absolute()
-        self.log = self.data_dir / "vllm.log"
+        # Lock and log inside the folder (the database servers keep theirs beside it).
+        self._lock = _OwnerLock(self.data_dir / "vllm.lock")
+        self._log = self.log = self.data_dir / "vllm.log"
         self.host = host
         self.served_model_name = served_model_name
         self.max_model_len = max_model_len
@@ -167,59 +174,31 @@ class LocalVLLM:
         self.kv_cache_gib = kv_cache_gib
         self.start_timeout_s = start_timeout_s
         self._requested_port = port
-        self._lock = _OwnerLock(self.data_dir / "vllm.lock")
-        self._child: subprocess.Popen[bytes] | None = None
-        self._base_url: str | None = None
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the server process while it runs, else None."""
-        child = self._child
-        return child.pid if child is not None and child.poll() is None else None
 
     @property
     def base_url(self) -> str:
         """``http://HOST:PORT/v1`` of the running server; raises if it is not started."""
-        if self._base_url is None:
+        if self._url is None:
             raise LocalVLLMError("the local vLLM server is not started")
-        return self._base_url
+        return self._url
 
-    def start(self) -> str:
-        """Start the server unless it runs, wait until it serves the model; the base URL."""
-        if self._base_url is not None and self.pid is not None:
-            return self._base_url
-        self.stop()
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._lock.acquire()
-            port = self._requested_port or _free_port(self.host)
-            started = time.monotonic()
-            self._child = _spawn(self._argv(port), self.log, signal.SIGTERM, None)
-            root = f"http://{self.host}:{port}"
-            self._wait_ready(root)
-        except BaseException:
-            self.stop()
-            raise
-        self._base_url = f"{root}/v1"
-        logger.info(
-            "local vLLM pid %d serves %s at %s (ready in %.0f s)",
-            self._child.pid,
-            self.served_model_name,
-            self._base_url,
-            time.monotonic() - started,
-        )
-        return self._base_url
+    def _launch(self) -> str:
+        port = self._requested_port or _free_port(self.host)
+        started = time.monotonic()
+        self._child = _spawn(self._argv(port), self._log, self.stop_signal, None)
+        root = f"http://{self.host}:{port}"
+        with httpx.Client(timeout=_PROBE_TIMEOUT_S) as client:
+            self._wait_until(lambda: True if self._serves_model(client, root) else None)
+        logger.info("local vLLM serves %s (ready in %.0f s)", self.served_model_name,
+                    time.monotonic() - started)
+        return f"{root}/v1"
 
     def stop(self) -> None:
         """SIGTERM the server, kill it after a timeout, reap what it started (idempotent)."""
         child = self._child
-        if child is not None:
-            leftovers = _descendants(child.pid)  # vLLM's engine core and helpers
-            _stop_child(child, signal.SIGTERM, "vllm")
-            _reap(leftovers)
-            logger.info("local vLLM pid %d stopped", child.pid)
-        self._child, self._base_url = None, None
-        self._lock.release()
+        leftovers = _descendants(child.pid) if child is not None else []  # engine core...
+        super().stop()
+        _reap(leftovers)
 
     def wait(self) -> int:
         """Block until the server exits; its exit status (raises if it is not started)."""
@@ -253,25 +232,6 @@ class LocalVLLM:
             *("--max-num-seqs", str(self.max_num_seqs), "--enforce-eager"),
             *("--host", self.host, "--port", str(port)),
         ]
-
-    def _wait_ready(self, root: str) -> None:
-        """Poll until the model is served; raise with the log tail if the child dies or stalls."""
-        child = self._child
-        assert child is not None
-        deadline = time.monotonic() + self.start_timeout_s
-        with httpx.Client(timeout=_PROBE_TIMEOUT_S) as client:
-            while not self._serves_model(client, root):
-                code = child.poll()
-                if code is None and time.monotonic() < deadline:
-                    time.sleep(_POLL_S)
-                    continue
-                problem = (
-                    f"exited with status {code}"
-                    if code is not None
-                    else f"was not ready within {self.start_timeout_s:.0f} s"
-                )
-                msg = f"vLLM {problem} after start; end of {self.log}:\n{_tail(self.log)}"
-                raise LocalVLLMError(msg)
 
     def _serves_model(self, client: httpx.Client, root: str) -> bool:
         try:
