@@ -108,6 +108,24 @@ class UpstreamError(DomainError):
     title = "Upstream error"
 
 
+class UpstreamConnectError(UpstreamError):
+    """The generation server could not be reached (nothing was sent to it)."""
+
+
+class NoCapacityError(ServiceUnavailableError):
+    """No healthy generation server can take the request (HTTP 503)."""
+
+    code = "no_capacity"
+    title = "No generation capacity"
+
+
+class QueueTimeoutError(DomainError):
+    """The request waited for a generation slot past the queue timeout (HTTP 429)."""
+
+    code = "queue_timeout"
+    title = "Too many requests"
+
+
 class UpstreamTimeoutError(UpstreamError):
     """The generation server did not answer in time (HTTP 504)."""
 

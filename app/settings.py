@@ -143,9 +143,9 @@ class WorkerSettings(BaseSettings):
 
 
 class LlmSettings(BaseSettings):
-    """The OpenAI-compatible generation endpoint (a vLLM server); the dispatch layer's
-    pools replace this single endpoint. Unset ``LLM_BASE_URL`` in ``dev`` = a local vLLM
-    CPU server started with the embedded stack."""
+    """Talking to OpenAI-compatible generation servers (vLLM). ``LLM_BASE_URL`` is the
+    one-server setup (a shared pool of one); ``DISPATCH_POOLS_FILE`` configures pools.
+    Unset both in ``dev`` = a local vLLM CPU server started with the embedded stack."""
 
     model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
 
@@ -159,6 +159,41 @@ class LlmSettings(BaseSettings):
     context_window: int = Field(default=0, ge=0)
     default_max_tokens: int = Field(default=512, ge=1)
     start_local: bool = True  # dev: start the local vLLM server when base_url is unset
+
+
+class DispatchSettings(BaseSettings):
+    """Generation pools and how requests are spread over them (see docs/dispatch.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="DISPATCH_", extra="ignore")
+
+    pools_file: Path | None = None  # TOML, YAML or JSON; else DISPATCH_POOLS, else LLM_BASE_URL
+    pools: str | None = None  # the same document as JSON, for environment-only setups
+    max_in_flight: int = Field(default=32, ge=1)  # per replica of the LLM_BASE_URL pool
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    max_queued_per_tenant: int = Field(default=500, ge=1)
+    # Small against a request's cost keeps turns short (a turn serves about
+    # quantum x weight tokens); rounds that serve nobody are skipped, so small is cheap.
+    quantum_tokens: float = Field(default=64.0, gt=0)
+    weight_free: float = Field(default=1.0, gt=0)
+    weight_pro: float = Field(default=2.0, gt=0)
+    weight_enterprise: float = Field(default=4.0, gt=0)
+    # vLLM runs lower values first (pools with priority_scheduling only).
+    priority_free: int = 10
+    priority_pro: int = 5
+    priority_enterprise: int = 0
+    affinity_headroom: float = Field(default=0.25, ge=0)
+    health_interval_s: float = Field(default=5.0, gt=0)
+    health_timeout_s: float = Field(default=2.0, gt=0)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=15.0, gt=0)
+
+    def weight(self, tier: str) -> float:
+        """Fair-queue weight of a tier."""
+        return float(getattr(self, f"weight_{tier}"))
+
+    def priority(self, tier: str) -> int:
+        """vLLM request priority of a tier."""
+        return int(getattr(self, f"priority_{tier}"))
 
 
 class ChatSettings(BaseSettings):
@@ -192,6 +227,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.settings import as_asyncpg_url
+from app.api.factory import cache_salt_key
+from app.inference.dispatcher import Dispatcher
+from app.inference.pools import PoolConfig, PoolsConfig
+from app.settings import DispatchSettings, Settings, as_asyncpg_url
 
 PLATFORM_KEY = "test-platform-admin-key-0123456789abcdef"
 TEST_PEPPER = "test-pepper-0123456789abcdef0123456789"
@@ -62,3 +70,50 @@ async def create_key(
 def bearer(key: str) -> dict[str, str]:
     """Authorization header for a key."""
     return {"Authorization": f"Bearer {key}"}
+
+
+def one_pool(*urls: str, name: str = "default", models: tuple[str, ...] = ("smollm2",),
+             **fields: Any) -> PoolsConfig:
+    """A pools configuration of one shared pool at ``urls``."""
+    return PoolsConfig(pools=[PoolConfig(name=name, models=list(models), endpoints=list(urls),
+                                         **fields)])
+
+
+async def install_dispatcher(app: Litestar, client: AsyncTestClient[Litestar],
+                             pools: PoolsConfig, settings: Settings,
+                             dispatch: DispatchSettings | None = None) -> Dispatcher:
+    """Route the running app's generation through ``pools``. The dispatcher starts (its
+    health loop) on the app's own event loop."""
+    d = Dispatcher(pools, dispatch or settings.dispatch, settings.llm, cache_salt_key(settings))
+    await asyncio.wrap_future(client.blocking_portal.start_task_soon(d.start))
+    app.state.dispatcher = d
+    return d
+
+
+async def remove_dispatcher(app: Litestar, client: AsyncTestClient[Litestar],
+                            dispatcher: Dispatcher) -> None:
+    """Undo :func:`install_dispatcher`."""
+    if app.state.dispatcher is dispatcher:
+        app.state.dispatcher = None
+    await asyncio.wrap_future(client.blocking_portal.start_task_soon(dispatcher.close))
+
+
+@contextlib.asynccontextmanager
+async def served_over_http(app: Litestar,
+                           client: AsyncTestClient[Litestar]) -> AsyncIterator[str]:
+    """The app served over real HTTP by uvicorn, on the event loop where the test client
+    ran the app's lifespan (its database pool and clients live there); the base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="warning"))
+    running = client.blocking_portal.start_task_soon(server.serve)
+    while not server.started:
+        assert not running.done(), "uvicorn did not start"
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.to_thread(running.result, 15)

@@ -44,7 +44,8 @@ from app.domain.tenants.prompts import PromptService
 from app.domain.tenants.service import TenantService
 from app.embeddings import Models, check_vector_size, load_models
 from app.errors import ServiceUnavailableError
-from app.inference.upstream import Upstream
+from app.inference.dispatcher import Dispatcher
+from app.inference.pools import load_pools
 from app.settings import Settings
 from app.stores import vector_store_config
 from retrieval.rerank import Reranker
@@ -80,13 +81,14 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             check_vector_size(loaded, settings.qdrant.dense_dim)
             rerank_model = settings.chat.rerank_model
             reranker = await asyncio.to_thread(Reranker, rerank_model) if rerank_model else None
-            upstream = Upstream(settings.llm.base_url, settings.llm) if settings.llm.base_url \
-                else None
-            if upstream is not None:
-                stack.push_async_callback(upstream.close)
+            dispatcher = make_dispatcher(settings)
+            if dispatcher is not None:
+                await dispatcher.start()
+                stack.push_async_callback(dispatcher.close)
             admin_key = settings.auth.platform_admin_key
             app.state.update(
-                db=db, redis=redis, vector_store=vector_store, models=loaded, upstream=upstream,
+                db=db, redis=redis, vector_store=vector_store, models=loaded,
+                dispatcher=dispatcher,
                 reranker=reranker,
                 authenticator=ApiKeyAuthenticator(
                     db, settings.auth.key_pepper.get_secret_value(),
@@ -143,15 +145,36 @@ def provide_conversations(state: State) -> ConversationService:
     return ConversationService(state.db)
 
 
+def cache_salt_key(settings: Settings) -> bytes:
+    """The key of the per-tenant ``cache_salt`` HMAC (derived from the key pepper)."""
+    return hashlib.sha256(b"cache-salt:" + settings.auth.key_pepper.get_secret_value()
+                          .encode()).digest()
+
+
+def make_dispatcher(settings: Settings) -> Dispatcher | None:
+    """The dispatcher over the configured pools, or None when none is configured."""
+    d = settings.dispatch
+    pools = load_pools(d.pools_file, d.pools, settings.llm.base_url, settings.llm.models,
+                       d.max_in_flight)
+    if pools is None:
+        return None
+    return Dispatcher(pools, d, settings.llm, cache_salt_key(settings))
+
+
+def provide_dispatcher(state: State) -> Dispatcher:
+    """The generation dispatcher; 503 when no pool is configured."""
+    if state.dispatcher is None:
+        raise ServiceUnavailableError("no generation server is configured (set LLM_BASE_URL "
+                                      "or DISPATCH_POOLS_FILE)")
+    dispatcher: Dispatcher = state.dispatcher
+    return dispatcher
+
+
 def provide_chat(state: State) -> ChatService:
     """The chat service; 503 when no generation server is configured."""
-    if state.upstream is None:
-        raise ServiceUnavailableError("no generation server is configured (set LLM_BASE_URL)")
     settings: Settings = state.settings
-    salt_key = hashlib.sha256(b"cache-salt:" + settings.auth.key_pepper.get_secret_value()
-                              .encode()).digest()
-    return ChatService(provide_search(state), ConversationService(state.db), state.upstream,
-                       settings.llm, settings.chat, salt_key)
+    return ChatService(provide_search(state), ConversationService(state.db),
+                       provide_dispatcher(state), settings.llm, settings.chat)
 
 
 def create_app(
@@ -184,6 +207,7 @@ def create_app(
             "prompts": Provide(provide_prompts, sync_to_thread=False),
             "conversations": Provide(provide_conversations, sync_to_thread=False),
             "chat": Provide(provide_chat, sync_to_thread=False),
+            "dispatcher": Provide(provide_dispatcher, sync_to_thread=False),
         },
         middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from litestar import Request, Response
@@ -19,6 +20,7 @@ from app.errors import (
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    QueueTimeoutError,
     ServiceUnavailableError,
     UnsupportedMediaError,
     UpstreamError,
@@ -40,6 +42,7 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     BadRequestError: 400,
     UpstreamError: 502,
     UpstreamTimeoutError: 504,
+    QueueTimeoutError: 429,
 }
 
 
@@ -49,7 +52,12 @@ def problem(status: int, title: str, detail: str, code: str, **extra: Any) -> Re
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
             "code": code, **extra,
             "error": {"message": detail, "type": code, "code": code}}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    retry_after = extra.get("retry_after_s")
+    if isinstance(retry_after, int | float):  # 429 and 503 tell the client when to retry
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 

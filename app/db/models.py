@@ -66,6 +66,12 @@ class Tenant(SQLModel, table=True):
         default_factory=list,
         sa_column=sa.Column(pg.ARRAY(sa.String(200)), nullable=False, server_default="{}"),
     )
+    # Residency: only pools of this region serve the tenant (None = any region).
+    data_region: str | None = Field(default=None, sa_column=sa.Column(sa.String(63),
+                                                                      nullable=True))
+    # May a saturated dedicated pool spill over to the shared pool of the tenant's tier?
+    allow_spillover: bool = Field(default=False, sa_column=sa.Column(
+        sa.Boolean, nullable=False, server_default=sa.false()))
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     max_concurrency: int | None = None

@@ -15,7 +15,13 @@ from typing import Any
 
 import httpx
 
-from app.errors import BadRequestError, DomainError, UpstreamError, UpstreamTimeoutError
+from app.errors import (
+    BadRequestError,
+    DomainError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from app.settings import LlmSettings
 
 log = logging.getLogger(__name__)
@@ -59,28 +65,42 @@ class UpstreamStream:
         await self._response.aclose()
 
 
-class Upstream:
-    """An OpenAI-compatible server at ``base_url`` (ending in ``/v1``)."""
+def make_http_client(settings: LlmSettings) -> httpx.AsyncClient:
+    """The one pooled HTTP client every replica's requests go through, with explicit
+    connection limits and timeouts."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s,
+                              pool=settings.connect_timeout_s),
+        limits=httpx.Limits(max_connections=settings.max_connections,
+                            max_keepalive_connections=settings.max_connections,
+                            keepalive_expiry=30.0),
+    )
 
-    def __init__(self, base_url: str, settings: LlmSettings,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+
+class Upstream:
+    """An OpenAI-compatible server at ``base_url`` (ending in ``/v1``), over a shared
+    client (``owns_client``: close it with this one)."""
+
+    def __init__(self, base_url: str, client: httpx.AsyncClient, *, api_key: str | None = None,
+                 context_window: int | None = None, owns_client: bool = False) -> None:
         self.base_url = base_url.rstrip("/")
         self.root_url = self.base_url.removesuffix("/v1")
-        headers = {}
-        if settings.api_key is not None:
-            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(max_connections=settings.max_connections,
-                                max_keepalive_connections=settings.max_connections),
-            transport=transport,
-        )
-        self._context_window = settings.context_window or None
+        self._client = client
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._context_window = context_window or None
+        self._owns_client = owns_client
+
+    @classmethod
+    def standalone(cls, base_url: str, settings: LlmSettings) -> Upstream:
+        """One server with a client of its own (tools and tests)."""
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        return cls(base_url, make_http_client(settings), api_key=key,
+                   context_window=settings.context_window, owns_client=True)
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
+        """Close the client if this upstream owns it."""
+        if self._owns_client:
+            await self._client.aclose()
 
     async def context_window(self, model: str) -> int:
         """The model's context window in tokens (from settings, else the server's
@@ -106,6 +126,33 @@ class Upstream:
             raise UpstreamError("the generation server's /tokenize gave no count")
         return count
 
+    async def count_text_tokens(self, model: str, text: str) -> int:
+        """Tokens of plain ``text`` (no template, no special tokens): a completion's
+        length when the server reported no usage."""
+        body = await self._post_json(f"{self.root_url}/tokenize", {
+            "model": model, "prompt": text, "add_special_tokens": False})
+        count = body.get("count")
+        if not isinstance(count, int):
+            raise UpstreamError("the generation server's /tokenize gave no count")
+        return count
+
+    async def probe(self, timeout_s: float) -> tuple[bool, str | None]:
+        """(``/health`` answered 200, the ``/metrics`` text or None). Never raises."""
+        timeout = httpx.Timeout(timeout_s)
+        try:
+            health = await self._client.get(f"{self.root_url}/health", headers=self._headers,
+                                             timeout=timeout)
+        except httpx.HTTPError:
+            return False, None
+        if health.status_code != 200:
+            return False, None
+        try:
+            metrics = await self._client.get(f"{self.root_url}/metrics", headers=self._headers,
+                                              timeout=timeout)
+        except httpx.HTTPError:
+            return True, None
+        return True, metrics.text if metrics.status_code == 200 else None
+
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming chat completion."""
         return await self._post_json(f"{self.base_url}/chat/completions", body)
@@ -115,13 +162,15 @@ class Upstream:
         errors, timeouts and error statuses raise here, before the caller has sent
         anything to its own client (so it can answer 502/504, or try elsewhere)."""
         request = self._client.build_request("POST", f"{self.base_url}/chat/completions",
-                                             json=body)
+                                             json=body, headers=self._headers)
         try:
             response = await self._client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise UpstreamConnectError(f"generation server unreachable: {exc!r}") from exc
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(f"generation server timed out: {exc}") from exc
+            raise UpstreamTimeoutError(f"generation server timed out: {exc!r}") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"generation server unreachable: {exc}") from exc
+            raise UpstreamError(f"generation server failed: {exc!r}") from exc
         if response.status_code >= 400:
             try:
                 await response.aread()
@@ -131,18 +180,21 @@ class Upstream:
         return UpstreamStream(response)
 
     async def _get_json(self, url: str) -> dict[str, Any]:
-        return await self._send(self._client.build_request("GET", url))
+        return await self._send(self._client.build_request("GET", url, headers=self._headers))
 
     async def _post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._send(self._client.build_request("POST", url, json=body))
+        return await self._send(self._client.build_request("POST", url, json=body,
+                                                           headers=self._headers))
 
     async def _send(self, request: httpx.Request) -> dict[str, Any]:
         try:
             response = await self._client.send(request)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise UpstreamConnectError(f"generation server unreachable: {exc!r}") from exc
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(f"generation server timed out: {exc}") from exc
+            raise UpstreamTimeoutError(f"generation server timed out: {exc!r}") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"generation server unreachable: {exc}") from exc
+            raise UpstreamError(f"generation server failed: {exc!r}") from exc
         if response.status_code >= 400:
             raise _status_error(response)
         result = response.json()

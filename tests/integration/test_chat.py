@@ -8,21 +8,27 @@ tenants and between end users, system prompt rules, and context-window trimming.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 import pytest
-import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from openai import AsyncOpenAI
 
-from app.inference.upstream import Upstream
+from app.inference.dispatcher import Dispatcher
 from app.settings import Settings
 from ingestion import parse_document
-from tests.support import bearer, create_key, create_tenant
+from tests.support import (
+    bearer,
+    create_key,
+    create_tenant,
+    install_dispatcher,
+    one_pool,
+    remove_dispatcher,
+    served_over_http,
+)
 
 Client = AsyncTestClient[Litestar]
 MODEL = "smollm2"
@@ -74,35 +80,22 @@ async def new_chat_tenant(client: Client, admin: dict[str, str], base_url: str,
 
 @pytest.fixture(scope="module")
 async def upstream(app: Litestar, client: Client, settings: Settings,
-                   llm_base_url: str) -> AsyncIterator[Upstream]:
-    """Point the running app at the session's vLLM server."""
-    up = Upstream(llm_base_url, settings.llm)
-    app.state.upstream = up
-    yield up
-    app.state.upstream = None
-    await up.close()
+                   llm_base_url: str) -> AsyncIterator[Dispatcher]:
+    """Point the running app at the session's vLLM server (a pool of one)."""
+    d = await install_dispatcher(app, client, one_pool(llm_base_url), settings)
+    yield d
+    await remove_dispatcher(app, client, d)
 
 
 @pytest.fixture(scope="module")
 async def base_url(app: Litestar, client: Client) -> AsyncIterator[str]:
-    """The app served over real HTTP by uvicorn, on the event loop where the test client
-    ran the app's lifespan (its database pool and clients live there)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           log_level="warning"))
-    running = client.blocking_portal.start_task_soon(server.serve)
-    while not server.started:
-        assert not running.done(), "uvicorn did not start"
-        await asyncio.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await asyncio.to_thread(running.result, 15)
+    """The app over real HTTP (the OpenAI SDK cannot use the test client)."""
+    async with served_over_http(app, client) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
-async def acme(client: Client, admin_headers: dict[str, str], upstream: Upstream,
+async def acme(client: Client, admin_headers: dict[str, str], upstream: Dispatcher,
                base_url: str) -> ChatTenant:
     t = await new_chat_tenant(client, admin_headers, base_url,
                               system_prompt="You are Acme's HR bot.")
@@ -111,7 +104,7 @@ async def acme(client: Client, admin_headers: dict[str, str], upstream: Upstream
 
 
 @pytest.fixture(scope="module")
-async def globex(client: Client, admin_headers: dict[str, str], upstream: Upstream,
+async def globex(client: Client, admin_headers: dict[str, str], upstream: Dispatcher,
                  base_url: str) -> ChatTenant:
     return await new_chat_tenant(client, admin_headers, base_url)
 
@@ -255,7 +248,7 @@ async def test_store_false_keeps_no_conversation(acme: ChatTenant) -> None:
 
 
 async def test_system_prompt_is_versioned_and_its_policy_holds(
-    client: Client, admin_headers: dict[str, str], upstream: Upstream, base_url: str,
+    client: Client, admin_headers: dict[str, str], upstream: Dispatcher, base_url: str,
 ) -> None:
     t = await new_chat_tenant(client, admin_headers, base_url, system_prompt="v1 prompt")
     url = "/v1/tenant/system-prompt"
@@ -336,24 +329,31 @@ async def test_models_and_bad_requests(acme: ChatTenant, client: Client,
         assert resp.json()["error"]["message"]
 
 
-async def test_generation_server_down_is_a_clear_502(
+async def test_generation_server_down_is_a_clear_502_then_503(
     acme: ChatTenant, app: Litestar, settings: Settings,
 ) -> None:
-    working = app.state.upstream
+    working = app.state.dispatcher
     # The window is known, so the request gets as far as generating (nothing to trim).
-    dead = settings.llm.model_copy(update={"context_window": 2048})
-    app.state.upstream = Upstream("http://127.0.0.1:9/v1", dead)
+    llm = settings.llm.model_copy(update={"context_window": 2048})
+    body = {"model": MODEL, "retrieval": {"enabled": False},
+            "messages": [{"role": "user", "content": "hi"}]}
     try:
         for stream in (False, True):  # a stream fails with a status too, not a 200
-            resp = await acme.client.post(
-                "/v1/chat/completions", headers=acme.headers,
-                json={"model": MODEL, "stream": stream, "retrieval": {"enabled": False},
-                      "messages": [{"role": "user", "content": "hi"}]})
+            down = Dispatcher(one_pool("http://127.0.0.1:9/v1"), settings.dispatch, llm, b"k")
+            app.state.dispatcher = down  # not started: presumed up until tried
+            resp = await acme.client.post("/v1/chat/completions", headers=acme.headers,
+                                          json={**body, "stream": stream})
             assert resp.status_code == 502, (stream, resp.text)
             assert resp.json()["code"] == "upstream_error"
+            # Now known down: refused at once until a health probe sees it back.
+            resp = await acme.client.post("/v1/chat/completions", headers=acme.headers,
+                                          json={**body, "stream": stream})
+            assert resp.status_code == 503, (stream, resp.text)
+            assert resp.json()["code"] == "no_capacity"
+            assert int(resp.headers["retry-after"]) >= 1
+            await down.close()
     finally:
-        await app.state.upstream.close()
-        app.state.upstream = working
+        app.state.dispatcher = working
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -38,11 +39,21 @@ async def chat_completions(
     """Answer with citations, streamed or whole."""
     tenant = await tenants.get_own(tenant_of(request))
     prepared = await chat.prepare(tenant, data)
+    gone = _disconnected(request)  # a request waiting for a slot leaves the queue
     if data.stream:
-        upstream = await chat.open_stream(prepared)  # 502/504 here, not mid-stream
+        upstream = await chat.open_stream(prepared, gone)  # 502/504 here, not mid-stream
         return Stream(chat.stream(tenant, prepared, upstream), media_type="text/event-stream",
                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return Response(await chat.complete(tenant, prepared))
+    return Response(await chat.complete(tenant, prepared, gone))
+
+
+def _disconnected(request: AnyRequest) -> Callable[[], Awaitable[None]]:
+    """A waiter that returns when the client disconnects (the body is read by now, so
+    the next ASGI message can only be the disconnect)."""
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    return wait
 
 
 class ConversationOut(BaseModel):

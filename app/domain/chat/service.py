@@ -1,15 +1,13 @@
 """The chat path: tenant rules -> retrieval -> prompt within the context window ->
 generation -> citations and the stored conversation.
 
-Generation goes to one OpenAI-compatible endpoint (``LLM_BASE_URL``) until the dispatch
-layer routes across pools.
+Generation goes through the dispatcher (pools, replicas, fair queues, failover); usage is
+the engine's own, or counted with its ``/tokenize`` when it reports none.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -37,17 +35,37 @@ from app.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from app.inference.upstream import Upstream, UpstreamStream
+from app.inference.dispatcher import (
+    Disconnected,
+    Dispatched,
+    DispatchedStream,
+    Dispatcher,
+    TenantRoute,
+)
 from app.settings import ChatSettings, LlmSettings
 
 log = logging.getLogger(__name__)
 SHORT_QUESTION_WORDS = 6
 
 
-def allowed_models(tenant: Tenant, llm: LlmSettings) -> list[str]:
+def allowed_models(tenant: Tenant, served: list[str]) -> list[str]:
     """Models this tenant may use: its own list, else every model the platform serves."""
-    served = list(llm.models)
     return [m for m in tenant.allowed_models if m in served] if tenant.allowed_models else served
+
+
+@dataclass
+class Usage:
+    """Token counts of one request: the engine's own, or counted after the fact."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    counted: bool = False  # True when the server reported none and we counted
+
+    def as_dict(self) -> dict[str, int]:
+        """OpenAI's usage object."""
+        return {"prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 @dataclass
@@ -57,6 +75,7 @@ class Prepared:
     request_id: str
     created: int
     model: str
+    route: TenantRoute
     body: dict[str, Any]
     citations: list[Citation]
     conversation_id: uuid.UUID | None
@@ -64,6 +83,14 @@ class Prepared:
     include_usage: bool
     prompt_tokens_bound: int
     answer: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    where: Dispatched | None = None
+    finish_reason: str | None = None
+
+    @property
+    def cost(self) -> int:
+        """Estimated tokens of the request (its fair-queue cost)."""
+        return self.prompt_tokens_bound + int(self.body.get("max_tokens") or 0)
 
     def citation_dicts(self) -> list[dict[str, Any]]:
         """Citations as JSON-ready dicts."""
@@ -74,22 +101,22 @@ class ChatService:
     """Answers a chat request grounded in the tenant's documents."""
 
     def __init__(self, search: SearchService, conversations: ConversationService,
-                 upstream: Upstream, llm: LlmSettings, chat: ChatSettings,
-                 cache_salt_key: bytes) -> None:
+                 dispatcher: Dispatcher, llm: LlmSettings, chat: ChatSettings) -> None:
         self.search = search
         self.conversations = conversations
-        self.upstream = upstream
+        self.dispatcher = dispatcher
         self.llm = llm
         self.chat = chat
-        self._salt_key = cache_salt_key
 
     async def prepare(self, tenant: Tenant, req: ChatCompletionRequest) -> Prepared:
         """Check the request against the tenant's rules, retrieve, and build the prompt."""
-        if req.model not in allowed_models(tenant, self.llm):
-            if req.model not in self.llm.models:
+        if req.model not in allowed_models(tenant, self.dispatcher.models):
+            if not self.dispatcher.serves(req.model):
                 raise NotFoundError(f"model {req.model!r} does not exist; see GET /v1/models")
             raise PermissionDeniedError(f"this tenant may not use model {req.model!r}",
                                         model=req.model)
+        route = TenantRoute.of(tenant)
+        self.dispatcher.pools_for(route, req.model)  # 503 now if no pool may serve it
         policy = SystemMessagePolicy(tenant.system_message_policy)
         caller_system = caller_instructions(req.messages, policy)
         turns = [{"role": m.role, "content": m.text} for m in req.messages
@@ -108,15 +135,13 @@ class ChatService:
         parts = PromptParts(tenant_prompt=tenant.system_prompt, policy=policy,
                             caller_system=caller_system, passages=passages,
                             history=[*history, *turns[:-1]], turns=turns[-1:])
-        messages, bound, kept = await self._fit(req.model, parts, max_tokens)
+        messages, bound, kept = await self._fit(route, req.model, parts, max_tokens)
         citations = [_citation(i, p, self.chat.snippet_chars)
                      for i, p in enumerate((passages or [])[:kept], start=1)]
         body: dict[str, Any] = {
             "model": req.model, "messages": messages, "max_tokens": max_tokens,
             "stream": req.stream, **req.sampling(),
-            # vLLM keys its prefix cache by this too: no tenant can probe another's.
-            "cache_salt": self._cache_salt(tenant.id),
-        }
+        }  # the dispatcher adds the tenant's cache_salt (and priority where the pool uses it)
         if req.stream:
             body["stream_options"] = {"include_usage": True}
         if conversation_id is None and req.store:  # last: a refused request leaves none
@@ -124,29 +149,41 @@ class ChatService:
                                                              turns[-1]["content"])
         return Prepared(
             request_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
-            model=req.model, body=body, citations=citations,
+            model=req.model, route=route, body=body, citations=citations,
             conversation_id=conversation_id if req.store else None, turns=turns,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             prompt_tokens_bound=bound,
         )
 
-    async def complete(self, tenant: Tenant, p: Prepared) -> dict[str, Any]:
+    async def complete(self, tenant: Tenant, p: Prepared,
+                       disconnected: Disconnected | None = None) -> dict[str, Any]:
         """A non-streaming answer, in OpenAI's format plus citations."""
-        response = await self.upstream.complete(p.body)
+        response, p.where = await self.dispatcher.complete(p.route, p.model, p.body, p.cost,
+                                                           disconnected)
         response["id"], response["model"], response["created"] = p.request_id, p.model, p.created
         response["citations"] = p.citation_dicts()
         response["conversation_id"] = str(p.conversation_id) if p.conversation_id else None
         choices = response.get("choices") or [{}]
-        await self._record(tenant, p, str((choices[0].get("message") or {}).get("content") or ""))
+        answer = str((choices[0].get("message") or {}).get("content") or "")
+        p.finish_reason = choices[0].get("finish_reason")
+        p.usage = _usage(response.get("usage"))
+        if p.usage is None:
+            p.usage = await self._count_usage(p, answer)
+            response["usage"] = p.usage.as_dict()
+        await self._record(tenant, p, answer)
         return response
 
-    async def open_stream(self, p: Prepared) -> UpstreamStream:
+    async def open_stream(self, p: Prepared,
+                          disconnected: Disconnected | None = None) -> DispatchedStream:
         """Start generating; an unreachable or failing upstream raises here, while the
         client can still get a proper error status."""
-        return await self.upstream.open_stream(p.body)
+        stream = await self.dispatcher.open_stream(p.route, p.model, p.body, p.cost,
+                                                   disconnected)
+        p.where = stream.where
+        return stream
 
     async def stream(self, tenant: Tenant, p: Prepared,
-                     upstream: UpstreamStream) -> AsyncIterator[bytes]:
+                     upstream: DispatchedStream) -> AsyncIterator[bytes]:
         """Server-sent events: a first chunk with the citations, the upstream's chunks,
         then ``[DONE]``. An upstream failure mid-stream ends the stream with an error
         event (and ``[DONE]``) instead of cutting it."""
@@ -162,6 +199,9 @@ class ChatService:
                 chunk["id"], chunk["model"], chunk["created"] = p.request_id, p.model, p.created
                 for choice in chunk.get("choices") or []:
                     p.answer.append(str((choice.get("delta") or {}).get("content") or ""))
+                    p.finish_reason = choice.get("finish_reason") or p.finish_reason
+                if chunk.get("usage") is not None:
+                    p.usage = _usage(chunk["usage"])
                 if not chunk.get("choices") and chunk.get("usage") is not None:
                     if p.include_usage:
                         yield _sse(chunk)
@@ -169,9 +209,21 @@ class ChatService:
                 if not p.include_usage:
                     chunk.pop("usage", None)
                 yield _sse(chunk)
+            if p.usage is None:  # the server reported none: count with its tokenizer
+                p.usage = await self._count_usage(p, "".join(p.answer))
+                if p.include_usage:
+                    usage_chunk = self._chunk(p, {})
+                    usage_chunk["choices"], usage_chunk["usage"] = [], p.usage.as_dict()
+                    yield _sse(usage_chunk)
         except DomainError as exc:
             log.warning("stream %s ended by an upstream failure: %s", p.request_id, exc)
             yield _sse({"error": {"message": exc.detail, "type": exc.code, "code": exc.code}})
+            if p.usage is None:  # what was generated still counts
+                try:
+                    p.usage = await self._count_usage(p, "".join(p.answer))
+                except DomainError as count_exc:
+                    log.warning("could not count the tokens of %s: %s", p.request_id,
+                                count_exc)
         finally:
             # Shielded: a client that disconnects cancels this generator, but what was
             # generated is still stored.
@@ -183,6 +235,14 @@ class ChatService:
                 "model": p.model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
                              "finish_reason": None}]}
+
+    async def _count_usage(self, p: Prepared, answer: str) -> Usage:
+        """Usage from the server's tokenizer, for a server that reported none."""
+        messages = p.body["messages"]
+        prompt = await self.dispatcher.count_prompt_tokens(p.route, p.model, messages)
+        completion = await self.dispatcher.count_text_tokens(p.route, p.model, answer) \
+            if answer else 0
+        return Usage(prompt, completion, counted=True)
 
     async def _record(self, tenant: Tenant, p: Prepared, answer: str) -> None:
         if p.conversation_id is None:
@@ -214,14 +274,14 @@ class ChatService:
         cap = effective_limit(tenant, "max_output_tokens")
         return min(asked, cap) if cap is not None else asked
 
-    async def _fit(self, model: str, parts: PromptParts,
+    async def _fit(self, route: TenantRoute, model: str, parts: PromptParts,
                    max_tokens: int) -> tuple[list[dict[str, str]], int, int]:
         """The messages, trimmed to fit the context window with room for the answer:
         oldest history first, then the lowest-ranked passages. Returns them with the
         prompt's token count (exact, or a bound when it clearly fits) and how many
         passages they kept."""
         everything = len(parts.passages or [])
-        window = await self.upstream.context_window(model)
+        window = await self.dispatcher.context_window(route, model)
         budget = window - max_tokens
         if budget <= 0:
             raise ContextLengthError(f"max_tokens {max_tokens} leaves no room for a prompt "
@@ -230,7 +290,7 @@ class ChatService:
         bound = token_upper_bound(messages)
         if bound <= budget:
             return messages, bound, everything
-        count = await self.upstream.count_prompt_tokens(model, messages)
+        count = await self.dispatcher.count_prompt_tokens(route, model, messages)
         if count <= budget:
             return messages, count, everything
         # Drop the fewest oldest history messages that make it fit (binary search).
@@ -239,7 +299,7 @@ class ChatService:
         while lo <= hi:
             mid = (lo + hi) // 2
             candidate = build_messages(parts, history_from=mid)
-            n = await self.upstream.count_prompt_tokens(model, candidate)
+            n = await self.dispatcher.count_prompt_tokens(route, model, candidate)
             if n <= budget:
                 best, hi = (candidate, n), mid - 1
             else:
@@ -247,19 +307,17 @@ class ChatService:
         if best is not None:
             return best[0], best[1], everything
         bare = build_messages(parts, history_from=len(parts.history))
-        n = await self.upstream.count_prompt_tokens(model, bare) if parts.history else count
+        n = (await self.dispatcher.count_prompt_tokens(route, model, bare) if parts.history
+             else count)
         for keep in range(everything - 1, -1, -1):
             candidate = build_messages(parts, history_from=len(parts.history), passages=keep)
-            n = await self.upstream.count_prompt_tokens(model, candidate)
+            n = await self.dispatcher.count_prompt_tokens(route, model, candidate)
             if n <= budget:
                 return candidate, n, keep
         raise ContextLengthError(
             f"the message is too long: {n} prompt tokens even without history or passages; "
             f"the model's context window is {window} tokens and max_tokens is {max_tokens}",
             context_window=window)
-
-    def _cache_salt(self, tenant_id: uuid.UUID) -> str:
-        return hmac.new(self._salt_key, tenant_id.bytes, hashlib.sha256).hexdigest()[:32]
 
 
 def _citation(index: int, chunk: RetrievedChunk, snippet_chars: int) -> Citation:
@@ -268,6 +326,16 @@ def _citation(index: int, chunk: RetrievedChunk, snippet_chars: int) -> Citation
                     char_start=chunk.char_start, char_end=chunk.char_end,
                     heading_path=chunk.heading_path, score=chunk.score,
                     snippet=chunk.text[:snippet_chars])
+
+
+def _usage(raw: Any) -> Usage | None:
+    """The engine's usage object, if it sent a usable one."""
+    if not isinstance(raw, dict):
+        return None
+    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(prompt, completion)
 
 
 def _sse(payload: dict[str, Any]) -> bytes:

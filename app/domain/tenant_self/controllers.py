@@ -20,7 +20,7 @@ from app.domain.chat.service import allowed_models
 from app.domain.tenants.prompts import PromptService
 from app.domain.tenants.schemas import SystemPrompt
 from app.domain.tenants.service import TenantService
-from app.settings import Settings
+from app.inference.dispatcher import Dispatcher
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -63,11 +63,12 @@ async def whoami(request: AnyRequest) -> WhoAmI:
 @get("/v1/models", summary="Models this tenant may use", tags=["chat"],
      guards=[requires_scope(Scope.chat)])
 async def list_models(request: AnyRequest, tenants: NamedDependency[TenantService],
-                      settings: NamedDependency[Settings]) -> ModelList:
-    """The tenant's allowed models (its own list, else every model the platform
-    serves), as OpenAI clients expect them."""
+                      dispatcher: NamedDependency[Dispatcher]) -> ModelList:
+    """The tenant's allowed models (its own list, else every model the platform's
+    pools serve), as OpenAI clients expect them."""
     tenant = await tenants.get_own(tenant_of(request))
-    return ModelList(data=[ModelCard(id=m) for m in allowed_models(tenant, settings.llm)])
+    return ModelList(data=[ModelCard(id=m)
+                           for m in allowed_models(tenant, dispatcher.models)])
 
 
 class SystemPromptOut(BaseModel):

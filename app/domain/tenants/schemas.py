@@ -18,6 +18,8 @@ Slug = Annotated[
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 SystemPrompt = Annotated[str, Field(max_length=20_000)]
+Region = Annotated[str | None, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description=(
+    "Data residency: only generation pools of this region serve the tenant"))]
 Limit = Annotated[int | None, Field(ge=0, le=10**9)]
 BigLimit = Annotated[int | None, Field(ge=0, le=10**15)]
 
@@ -45,6 +47,8 @@ class TenantCreate(TenantQuotas):
     system_prompt: SystemPrompt = ""
     system_message_policy: SystemMessagePolicy = SystemMessagePolicy.append
     allowed_models: Annotated[list[ModelName], Field(max_length=50)] = []
+    data_region: Region = None
+    allow_spillover: bool = False
 
 
 class TenantUpdate(TenantQuotas):
@@ -55,6 +59,8 @@ class TenantUpdate(TenantQuotas):
     system_prompt: SystemPrompt | None = None
     system_message_policy: SystemMessagePolicy | None = None
     allowed_models: Annotated[list[ModelName] | None, Field(max_length=50)] = None
+    data_region: Region = None
+    allow_spillover: bool | None = None
 
 
 class TenantOut(TenantQuotas):
@@ -70,6 +76,8 @@ class TenantOut(TenantQuotas):
     system_prompt: str
     system_message_policy: SystemMessagePolicy
     allowed_models: list[str]
+    data_region: str | None
+    allow_spillover: bool
     created_at: datetime
     updated_at: datetime
 

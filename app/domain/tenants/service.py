@@ -15,7 +15,7 @@ from app.domain.tenants.schemas import TenantCreate, TenantUpdate
 from app.errors import ConflictError, InvalidInputError, NotFoundError
 
 NOT_NULLABLE = frozenset({"name", "tier", "system_prompt", "system_message_policy",
-                          "allowed_models"})
+                          "allowed_models", "allow_spillover"})
 
 
 class TenantService:
