@@ -115,7 +115,8 @@ def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
         if settings.auth.platform_admin_key is None:
             settings.auth.platform_admin_key = SecretStr(ensure_admin_key(data_dir))
         asyncio.run(migrate(settings.database))
-        if settings.llm.base_url is None and settings.llm.start_local:
+        pools = settings.dispatch.pools_file or settings.dispatch.pools
+        if settings.llm.base_url is None and not pools and settings.llm.start_local:
             settings.llm.base_url = _start_local_vllm(servers, data_dir)
         write_stack_file(data_dir, settings.database.url, settings.redis.url)
         try:
@@ -148,8 +149,11 @@ def _announce(settings: Settings) -> None:
     typer.echo(f"  base URL:            {base}")
     typer.echo(f"  API docs (OpenAPI):  {base}/docs")
     typer.echo(f"  platform admin key:  {key}")
-    typer.echo(f"  generation server:   {settings.llm.base_url} (models: "
-               f"{', '.join(settings.llm.models)})")
+    if settings.dispatch.pools_file or settings.dispatch.pools:
+        typer.echo(f"  generation pools:    {settings.dispatch.pools_file or 'DISPATCH_POOLS'}")
+    else:
+        typer.echo(f"  generation server:   {settings.llm.base_url} (models: "
+                   f"{', '.join(settings.llm.models)})")
     typer.echo(f"  data folder:         {settings.server.data_dir.resolve()}")
     typer.echo("  stop with Ctrl-C\n")
 

@@ -211,6 +211,8 @@ class FakeOpenAI:
                                       "logprobs": None, "finish_reason": None}],
                  "prompt_token_ids": None, "prompt_text": None}
         await _event(send, first)
+        options = body.get("stream_options") or {}
+        usage_chunk = bool(options.get("include_usage")) and not cfg.omit_usage
         for i in range(n):
             if cfg.die_after_tokens is not None and i >= cfg.die_after_tokens:
                 raise ConnectionAbortedError("fake server dies mid-stream")
@@ -219,12 +221,15 @@ class FakeOpenAI:
             choice: dict[str, Any] = {"index": 0, "delta": {"content": f" w{i}" if i else "w0"},
                                       "logprobs": None, "finish_reason": None,
                                       "token_ids": None}
+            chunk = {**head, "choices": [choice]}
             if i == n - 1:
                 choice = {**choice, "finish_reason": finish, "stop_reason": None}
                 choice["token_ids"] = choice.pop("token_ids")
-            await _event(send, {**head, "choices": [choice]})
-        options = body.get("stream_options") or {}
-        if options.get("include_usage") and not cfg.omit_usage:
+                chunk = {**head, "choices": [choice]}
+                if not usage_chunk:  # vLLM puts it on the last chunk when no usage follows
+                    chunk["system_fingerprint"] = FINGERPRINT
+            await _event(send, chunk)
+        if usage_chunk:
             await _event(send, {**head, "choices": [], "usage": usage,
                                 "system_fingerprint": FINGERPRINT})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",

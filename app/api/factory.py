@@ -44,6 +44,7 @@ from app.domain.tenants.prompts import PromptService
 from app.domain.tenants.service import TenantService
 from app.embeddings import Models, check_vector_size, load_models
 from app.errors import ServiceUnavailableError
+from app.inference.controllers import list_pools
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import load_pools
 from app.settings import Settings
@@ -196,7 +197,8 @@ def create_app(
         route_handlers=[healthz, readyz, whoami, list_models, TenantAdminController,
                         PlatformKeysController, TenantKeysController, KnowledgeBaseController,
                         retrieve, chat_completions, ConversationController,
-                        get_system_prompt, put_system_prompt, list_system_prompt_versions],
+                        get_system_prompt, put_system_prompt, list_system_prompt_versions,
+                        list_pools],
         dependencies={
             "tenants": Provide(provide_tenants, sync_to_thread=False),
             "keys": Provide(provide_keys, sync_to_thread=False),

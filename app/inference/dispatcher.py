@@ -177,8 +177,9 @@ class Dispatcher:
         self._client = client or make_http_client(llm)
         self._owns_client = client is None
         self.pools: list[Pool] = []
+        default_key = llm.api_key.get_secret_value() if llm.api_key else None
         for cfg in pools.pools:
-            key = cfg.api_key()
+            key = cfg.api_key() or default_key  # LLM_API_KEY unless the pool names one
             replicas = [
                 Replica(pool=cfg.name, url=url.rstrip("/"), cap=cfg.max_in_flight,
                         upstream=Upstream(url, self._client, api_key=key,

@@ -237,6 +237,10 @@ async def test_connect_errors_and_5xx_retry_once_on_another_replica(
     assert 1 <= bad.stats.requests <= 3  # then its circuit opened
     snapshot = {r["url"]: r for r in d.snapshot()[0]["replicas"]}
     assert snapshot[bad.base_url]["circuit_open"] is True
+    seen = (await client.get("/admin/pools", headers=admin_headers)).json()  # operator view
+    assert {r["url"]: r["circuit_open"] for r in seen[0]["replicas"]} == {
+        bad.base_url: True, good.base_url: False}
+    assert (await client.get("/admin/pools", headers=tenant.headers)).status_code == 403
     # Both failing: exactly two attempts, then a clear 502.
     bad2 = fakes.new(fail_status=503)
     bad.config.fail_status = 500

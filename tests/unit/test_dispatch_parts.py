@@ -237,3 +237,14 @@ def test_bad_pools_files_are_refused_with_the_reason(text: str, message: str) ->
 def test_a_missing_pools_file_names_itself(tmp_path: Path) -> None:
     with pytest.raises(PoolsConfigError, match="cannot read the pools file"):
         load_pools(tmp_path / "nope.toml", None, None, [], 8)
+
+
+def test_the_documented_example_pools_file_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parents[2] / "docs" / "pools.example.toml"
+    pools = load_pools(example, None, None, [], 8)
+    assert pools is not None and len(pools.pools) == 4
+    monkeypatch.setenv("VLLM_PAID_API_KEY", "secret")
+    assert pools.pools[1].api_key() == "secret"
+    monkeypatch.delenv("VLLM_PAID_API_KEY")
+    with pytest.raises(ValueError, match="VLLM_PAID_API_KEY"):
+        pools.pools[1].api_key()
