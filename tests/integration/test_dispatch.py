@@ -121,6 +121,18 @@ class Routed:
         self.app.state.dispatcher = self._before
 
 
+async def tenant_favouring(server: FakeServer, d: Dispatcher, client: Client,
+                           http: httpx.AsyncClient, admin: dict[str, str]) -> Tenant:
+    """A new tenant whose affinity replica (rendezvous hash) is ``server``."""
+    replicas = d.pools[0].replicas
+    for _ in range(40):
+        tenant = await new_tenant(client, http, admin)
+        favourite = max(replicas, key=lambda r: r.affinity(tenant.id.bytes))
+        if favourite.url == server.base_url:
+            return tenant
+    raise AssertionError("no tenant favoured the replica")
+
+
 def pool(name: str, *servers: FakeServer, **fields: Any) -> PoolConfig:
     return PoolConfig(name=name, models=[MODEL], endpoints=[s.base_url for s in servers],
                       **fields)
@@ -226,10 +238,10 @@ async def test_connect_errors_and_5xx_retry_once_on_another_replica(
     client: Client, admin_headers: dict[str, str], routed: Routed, fakes: Fakes,
     http: httpx.AsyncClient,
 ) -> None:
-    tenant = await new_tenant(client, http, admin_headers)
     bad, good = fakes.new(fail_status=500), fakes.new()
     d = await routed.use(pool("p", bad, good),
                          dispatch=FAST.model_copy(update={"health_interval_s": 60}))
+    tenant = await tenant_favouring(bad, d, client, http, admin_headers)
     for stream in (False, True) * 4:
         resp = await tenant.ask(stream=stream)
         assert resp.status_code == 200, resp.text
@@ -256,10 +268,10 @@ async def test_a_refused_connection_fails_over_and_marks_the_replica_down(
     client: Client, admin_headers: dict[str, str], routed: Routed, fakes: Fakes,
     http: httpx.AsyncClient,
 ) -> None:
-    tenant = await new_tenant(client, http, admin_headers)
     gone, good = fakes.new(), fakes.new()
     d = await routed.use(pool("p", gone, good),
                          dispatch=FAST.model_copy(update={"health_interval_s": 60}))
+    tenant = await tenant_favouring(gone, d, client, http, admin_headers)
     gone.stop()
     for stream in (True, False, True):
         resp = await tenant.ask(stream=stream)

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from litestar import Request, get, put
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict
@@ -21,6 +22,7 @@ from app.domain.tenants.prompts import PromptService
 from app.domain.tenants.schemas import SystemPrompt
 from app.domain.tenants.service import TenantService
 from app.inference.dispatcher import Dispatcher
+from app.settings import Settings
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -63,12 +65,14 @@ async def whoami(request: AnyRequest) -> WhoAmI:
 @get("/v1/models", summary="Models this tenant may use", tags=["chat"],
      guards=[requires_scope(Scope.chat)])
 async def list_models(request: AnyRequest, tenants: NamedDependency[TenantService],
-                      dispatcher: NamedDependency[Dispatcher]) -> ModelList:
+                      state: State) -> ModelList:
     """The tenant's allowed models (its own list, else every model the platform's
-    pools serve), as OpenAI clients expect them."""
+    pools serve, else ``LLM_MODELS``), as OpenAI clients expect them."""
     tenant = await tenants.get_own(tenant_of(request))
-    return ModelList(data=[ModelCard(id=m)
-                           for m in allowed_models(tenant, dispatcher.models)])
+    dispatcher: Dispatcher | None = state.dispatcher
+    settings: Settings = state.settings
+    served = dispatcher.models if dispatcher is not None else list(settings.llm.models)
+    return ModelList(data=[ModelCard(id=m) for m in allowed_models(tenant, served)])
 
 
 class SystemPromptOut(BaseModel):
