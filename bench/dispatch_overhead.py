@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,9 +40,11 @@ from ingest_throughput import scratch_db
 
 from app.embedded import EmbeddedStack
 from app.settings import DatabaseSettings, as_asyncpg_url
-from tests.fake_openai import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the fake upstream lives with the tests
+from tests.fake_openai import free_port  # noqa: E402
+
 MODEL = "smollm2"
 ADMIN_KEY = "bench-platform-admin-key-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "Where is the travel policy?"}]
@@ -138,6 +141,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--litellm", default=str(ROOT / ".cache/litellm-venv/bin/litellm"))
+    parser.add_argument("--profile-app", help="write a py-spy profile of the app here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-dispatch-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -165,8 +169,11 @@ def main() -> None:
         from app.db.migrate import migrate
         asyncio.run(migrate(DatabaseSettings(url=db)))
         tenantrag = str(Path(sys.executable).parent / "tenantrag")
-        procs.append(spawn([tenantrag, "serve", "--port", str(app_port)], app_env,
-                           work / "app.log"))
+        serve = [tenantrag, "serve", "--port", str(app_port)]
+        if args.profile_app:  # developer aid: needs `pip install py-spy`
+            serve = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
+                     "-o", args.profile_app, "--", *serve]
+        procs.append(spawn(serve, app_env, work / "app.log"))
         app = f"http://127.0.0.1:{app_port}"
         wait_http(f"{app}/healthz", procs[-1], work / "app.log")
         key = asyncio.run(app_key(app))
@@ -225,7 +232,7 @@ def main() -> None:
                   f"{results['app']['max_rps'] / results['litellm']['max_rps']:.2f}x")
     finally:
         for proc in procs:
-            proc.terminate()
+            proc.send_signal(signal.SIGINT)
         for proc in procs:
             try:
                 proc.wait(15)
