@@ -126,6 +126,18 @@ class QueueTimeoutError(DomainError):
     title = "Too many requests"
 
 
+class RateLimitedError(DomainError):
+    """A rate limit, concurrency limit or token budget refuses the request (HTTP 429).
+    ``code`` is ``rate_limited``, ``concurrency_limited`` or ``budget_exhausted``."""
+
+    code = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, code: str = "rate_limited", **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.code = code
+
+
 class UpstreamTimeoutError(UpstreamError):
     """The generation server did not answer in time (HTTP 504)."""
 

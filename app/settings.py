@@ -196,6 +196,18 @@ class DispatchSettings(BaseSettings):
         return int(getattr(self, f"priority_{tier}"))
 
 
+class QuotaSettings(BaseSettings):
+    """Rate limits, concurrency leases and token budgets (Redis), usage metering."""
+
+    model_config = SettingsConfigDict(env_prefix="QUOTA_", extra="ignore")
+
+    # Redis unreachable: refuse with 503 (default) or admit unmetered by Redis.
+    fail_open: bool = False
+    # A concurrency slot or budget reservation of a crashed process frees after this;
+    # live streams renew theirs.
+    lease_ttl_s: float = Field(default=120.0, ge=5)
+
+
 class ChatSettings(BaseSettings):
     """Retrieval-augmented chat."""
 
@@ -228,6 +240,7 @@ class Settings(BaseSettings):
     llm: LlmSettings = Field(default_factory=LlmSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

@@ -47,6 +47,8 @@ from app.errors import ServiceUnavailableError
 from app.inference.controllers import list_pools
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import load_pools
+from app.quotas.limiter import RateLimiter
+from app.quotas.usage import UsageService
 from app.settings import Settings
 from app.stores import vector_store_config
 from retrieval.rerank import Reranker
@@ -90,6 +92,9 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             app.state.update(
                 db=db, redis=redis, vector_store=vector_store, models=loaded,
                 dispatcher=dispatcher,
+                limiter=RateLimiter(redis, namespace=f"{settings.worker.namespace}:q",
+                                    lease_ttl_s=settings.quota.lease_ttl_s,
+                                    fail_open=settings.quota.fail_open),
                 reranker=reranker,
                 authenticator=ApiKeyAuthenticator(
                     db, settings.auth.key_pepper.get_secret_value(),
@@ -175,7 +180,8 @@ def provide_chat(state: State) -> ChatService:
     """The chat service; 503 when no generation server is configured."""
     settings: Settings = state.settings
     return ChatService(provide_search(state), ConversationService(state.db),
-                       provide_dispatcher(state), settings.llm, settings.chat)
+                       provide_dispatcher(state), settings.llm, settings.chat,
+                       UsageService(state.db), state.limiter)
 
 
 def create_app(

@@ -21,6 +21,7 @@ from app.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
     QueueTimeoutError,
+    RateLimitedError,
     ServiceUnavailableError,
     UnsupportedMediaError,
     UpstreamError,
@@ -43,6 +44,7 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     UpstreamError: 502,
     UpstreamTimeoutError: 504,
     QueueTimeoutError: 429,
+    RateLimitedError: 429,
 }
 
 

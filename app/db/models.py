@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -77,6 +78,10 @@ class Tenant(SQLModel, table=True):
     max_concurrency: int | None = None
     monthly_token_budget: int | None = Field(default=None, sa_type=sa.BigInteger)
     max_output_tokens: int | None = None
+    # Per end user (the chat request's `user`); None = no per-user limit.
+    user_rpm_limit: int | None = None
+    user_tpm_limit: int | None = None
+    user_max_concurrency: int | None = None
     max_documents: int | None = None
     max_storage_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
     created_at: datetime = Field(
@@ -284,3 +289,34 @@ class ConversationMessage(SQLModel, table=True):
     )
     request_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(100)))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class UsageEvent(SQLModel, table=True):
+    """One metered request (chat or embedding), idempotent on (tenant, request id)."""
+
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        sa.UniqueConstraint("tenant_id", "request_id", name="usage_events_request_unique"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
+                                                              primary_key=True))
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    request_id: str = Field(sa_column=sa.Column(sa.String(100), nullable=False))
+    kind: str = Field(sa_column=sa.Column(sa.String(20), nullable=False))
+    end_user: str = Field(default="", sa_column=sa.Column(sa.String(256), nullable=False))
+    model: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
+    pool: str | None = Field(default=None, sa_column=sa.Column(sa.String(63)))
+    replica: str | None = Field(default=None, sa_column=sa.Column(sa.String(500)))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_ms: float | None = None
+    latency_ms: float = 0.0
+    status: str = Field(sa_column=sa.Column(sa.String(30), nullable=False))
+    cost_usd: Decimal = Field(default=Decimal(0), sa_column=sa.Column(
+        pg.NUMERIC(18, 8), nullable=False))
+    gpu_seconds: float | None = None
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -19,8 +20,10 @@ from app.domain.chat.conversations import ConversationService
 from app.domain.chat.schemas import ChatCompletionRequest
 from app.domain.chat.service import ChatService
 from app.domain.tenants.service import TenantService
+from app.errors import BadRequestError
 
 AnyRequest = Request[Any, Any, Any]
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 CHAT = requires_scope(Scope.chat)
 EndUser = Annotated[str, QueryParameter(max_length=256,
                                         description="The end user (the chat request's `user`)")]
@@ -38,13 +41,28 @@ async def chat_completions(
 ) -> Response[Any]:
     """Answer with citations, streamed or whole."""
     tenant = await tenants.get_own(tenant_of(request))
-    prepared = await chat.prepare(tenant, data)
+    prepared = await chat.prepare(tenant, data, _request_id(request))
+    await chat.admit(tenant, prepared)  # 429 here: rate limits, concurrency, budget
+    headers = prepared.ticket.headers if prepared.ticket else {}
     gone = _disconnected(request)  # a request waiting for a slot leaves the queue
     if data.stream:
-        upstream = await chat.open_stream(prepared, gone)  # 502/504 here, not mid-stream
+        # 502/504 here, not mid-stream
+        upstream = await chat.open_stream(tenant, prepared, gone)
         return Stream(chat.stream(tenant, prepared, upstream), media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return Response(await chat.complete(tenant, prepared, gone))
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                               **headers})
+    return Response(await chat.complete(tenant, prepared, gone), headers=headers)
+
+
+def _request_id(request: AnyRequest) -> str | None:
+    """The client's ``X-Request-Id``: metering is idempotent on it (a replay is not
+    counted twice)."""
+    value = request.headers.get("x-request-id")
+    if value is None:
+        return None
+    if not _REQUEST_ID.fullmatch(value):
+        raise BadRequestError("X-Request-Id must be 1-100 letters, digits or ._:-")
+    return value
 
 
 def _disconnected(request: AnyRequest) -> Callable[[], Awaitable[None]]:

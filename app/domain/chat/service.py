@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.db.models import SystemMessagePolicy, Tenant
+from app.db.models import SystemMessagePolicy, Tenant, UsageEvent
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.prompt import (
     PromptParts,
@@ -42,6 +42,8 @@ from app.inference.dispatcher import (
     Dispatcher,
     TenantRoute,
 )
+from app.quotas.limiter import Limits, RateLimiter, Ticket
+from app.quotas.usage import UsageService
 from app.settings import ChatSettings, LlmSettings
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,14 @@ class Prepared:
     usage: Usage | None = None
     where: Dispatched | None = None
     finish_reason: str | None = None
+    end_user: str = ""
+    metering_id: str = ""  # the client's X-Request-Id, else the response id
+    store: bool = True
+    ticket: Ticket | None = None
+    started: float = field(default_factory=time.perf_counter)
+    ttft_s: float | None = None
+    status: str = "client_closed"  # until the request ends otherwise
+    finished: bool = False
 
     @property
     def cost(self) -> int:
@@ -101,15 +111,20 @@ class ChatService:
     """Answers a chat request grounded in the tenant's documents."""
 
     def __init__(self, search: SearchService, conversations: ConversationService,
-                 dispatcher: Dispatcher, llm: LlmSettings, chat: ChatSettings) -> None:
+                 dispatcher: Dispatcher, llm: LlmSettings, chat: ChatSettings,
+                 usage: UsageService, limiter: RateLimiter | None) -> None:
         self.search = search
         self.conversations = conversations
         self.dispatcher = dispatcher
         self.llm = llm
         self.chat = chat
+        self.usage = usage
+        self.limiter = limiter
 
-    async def prepare(self, tenant: Tenant, req: ChatCompletionRequest) -> Prepared:
-        """Check the request against the tenant's rules, retrieve, and build the prompt."""
+    async def prepare(self, tenant: Tenant, req: ChatCompletionRequest,
+                      request_id: str | None = None) -> Prepared:
+        """Check the request against the tenant's rules, retrieve, and build the prompt.
+        ``request_id`` (the client's ``X-Request-Id``) makes metering idempotent."""
         if req.model not in allowed_models(tenant, self.dispatcher.models):
             if not self.dispatcher.serves(req.model):
                 raise NotFoundError(f"model {req.model!r} does not exist; see GET /v1/models")
@@ -144,41 +159,77 @@ class ChatService:
         }  # the dispatcher adds the tenant's cache_salt (and priority where the pool uses it)
         if req.stream:
             body["stream_options"] = {"include_usage": True}
-        if conversation_id is None and req.store:  # last: a refused request leaves none
-            conversation_id = await self.conversations.start(tenant.id, end_user,
-                                                             turns[-1]["content"])
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
         return Prepared(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+            request_id=response_id, created=int(time.time()),
             model=req.model, route=route, body=body, citations=citations,
             conversation_id=conversation_id if req.store else None, turns=turns,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            prompt_tokens_bound=bound,
+            prompt_tokens_bound=bound, end_user=end_user,
+            metering_id=request_id or response_id, store=req.store,
         )
+
+    async def admit(self, tenant: Tenant, p: Prepared) -> None:
+        """Rate limits, concurrency and the token budget (one Redis round trip; 429 if
+        refused), then start the conversation if this is a new one (a refused request
+        leaves none)."""
+        limits = Limits(
+            rpm=effective_limit(tenant, "rpm_limit"), tpm=effective_limit(tenant, "tpm_limit"),
+            concurrency=effective_limit(tenant, "max_concurrency"),
+            user_rpm=tenant.user_rpm_limit, user_tpm=tenant.user_tpm_limit,
+            user_concurrency=tenant.user_max_concurrency,
+            budget=effective_limit(tenant, "monthly_token_budget"))
+        if self.limiter is not None and limits != Limits():
+            p.ticket = await self.limiter.admit(
+                tenant.id, p.end_user, limits, p.cost,
+                lambda period: self.usage.tokens_in_period(tenant.id, period))
+        if p.conversation_id is None and p.store:
+            try:
+                p.conversation_id = await self.conversations.start(
+                    tenant.id, p.end_user, p.turns[-1]["content"])
+            except BaseException:
+                p.status = "error"
+                await asyncio.shield(self.finish(tenant, p))
+                raise
 
     async def complete(self, tenant: Tenant, p: Prepared,
                        disconnected: Disconnected | None = None) -> dict[str, Any]:
-        """A non-streaming answer, in OpenAI's format plus citations."""
-        response, p.where = await self.dispatcher.complete(p.route, p.model, p.body, p.cost,
-                                                           disconnected)
-        response["id"], response["model"], response["created"] = p.request_id, p.model, p.created
-        response["citations"] = p.citation_dicts()
-        response["conversation_id"] = str(p.conversation_id) if p.conversation_id else None
-        choices = response.get("choices") or [{}]
-        answer = str((choices[0].get("message") or {}).get("content") or "")
-        p.finish_reason = choices[0].get("finish_reason")
-        p.usage = _usage(response.get("usage"))
-        if p.usage is None:
-            p.usage = await self._count_usage(p, answer)
-            response["usage"] = p.usage.as_dict()
+        """A non-streaming answer, in OpenAI's format plus citations; metered however
+        it ends."""
+        try:
+            response, p.where = await self.dispatcher.complete(p.route, p.model, p.body,
+                                                               p.cost, disconnected)
+            response["id"], response["model"] = p.request_id, p.model
+            response["created"] = p.created
+            response["citations"] = p.citation_dicts()
+            response["conversation_id"] = str(p.conversation_id) if p.conversation_id else None
+            choices = response.get("choices") or [{}]
+            answer = str((choices[0].get("message") or {}).get("content") or "")
+            p.finish_reason = choices[0].get("finish_reason")
+            p.usage = _usage(response.get("usage"))
+            if p.usage is None:
+                p.usage = await self._count_usage(p, answer)
+                response["usage"] = p.usage.as_dict()
+            p.status = "ok"
+        except DomainError as exc:
+            p.status = exc.code
+            raise
+        finally:
+            await asyncio.shield(self.finish(tenant, p))
         await self._record(tenant, p, answer)
         return response
 
-    async def open_stream(self, p: Prepared,
+    async def open_stream(self, tenant: Tenant, p: Prepared,
                           disconnected: Disconnected | None = None) -> DispatchedStream:
         """Start generating; an unreachable or failing upstream raises here, while the
         client can still get a proper error status."""
-        stream = await self.dispatcher.open_stream(p.route, p.model, p.body, p.cost,
-                                                   disconnected)
+        try:
+            stream = await self.dispatcher.open_stream(p.route, p.model, p.body, p.cost,
+                                                       disconnected)
+        except BaseException as exc:
+            p.status = exc.code if isinstance(exc, DomainError) else "client_closed"
+            await asyncio.shield(self.finish(tenant, p))
+            raise
         p.where = stream.where
         return stream
 
@@ -191,11 +242,18 @@ class ChatService:
         first["citations"] = p.citation_dicts()
         first["conversation_id"] = str(p.conversation_id) if p.conversation_id else None
         yield _sse(first)
+        renewed = time.perf_counter()
         try:
             async for event in upstream.events():
                 chunk = event.chunk
                 if chunk is None:
                     break
+                if p.ttft_s is None:
+                    p.ttft_s = time.perf_counter() - p.started
+                if p.ticket is not None and self.limiter is not None \
+                        and time.perf_counter() - renewed > self.limiter.lease_ttl_s / 3:
+                    renewed = time.perf_counter()  # a long stream keeps its lease
+                    await self.limiter.renew(p.ticket)
                 chunk["id"], chunk["model"], chunk["created"] = p.request_id, p.model, p.created
                 for choice in chunk.get("choices") or []:
                     p.answer.append(str((choice.get("delta") or {}).get("content") or ""))
@@ -215,7 +273,9 @@ class ChatService:
                     usage_chunk = self._chunk(p, {})
                     usage_chunk["choices"], usage_chunk["usage"] = [], p.usage.as_dict()
                     yield _sse(usage_chunk)
+            p.status = "ok"
         except DomainError as exc:
+            p.status = exc.code
             log.warning("stream %s ended by an upstream failure: %s", p.request_id, exc)
             yield _sse({"error": {"message": exc.detail, "type": exc.code, "code": exc.code}})
             if p.usage is None:  # what was generated still counts
@@ -226,9 +286,43 @@ class ChatService:
                                 count_exc)
         finally:
             # Shielded: a client that disconnects cancels this generator, but what was
-            # generated is still stored.
+            # generated is still stored and metered.
             await asyncio.shield(self._record(tenant, p, "".join(p.answer)))
+            await asyncio.shield(self.finish(tenant, p))
         yield b"data: [DONE]\n\n"
+
+    async def finish(self, tenant: Tenant, p: Prepared) -> None:
+        """Meter the request once, however it ended: its usage event (idempotent on the
+        request id) and the settlement of its reservation. Never raises."""
+        if p.finished:
+            return
+        p.finished = True
+        try:
+            if p.usage is None and p.where is not None:  # sent, but no usage came back
+                try:
+                    p.usage = await self._count_usage(p, "".join(p.answer))
+                except DomainError as exc:
+                    log.warning("could not count the tokens of %s: %s", p.request_id, exc)
+            usage = p.usage or Usage(0, 0)
+            event = UsageEvent(
+                tenant_id=tenant.id, request_id=p.metering_id, kind="chat",
+                end_user=p.end_user, model=p.model,
+                pool=p.where.pool if p.where else None,
+                replica=p.where.replica if p.where else None,
+                prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                ttft_ms=p.ttft_s * 1000 if p.ttft_s is not None else None,
+                latency_ms=(time.perf_counter() - p.started) * 1000, status=p.status)
+            inserted = True
+            try:
+                inserted = await self.usage.record(event)
+            except Exception:
+                log.exception("could not write the usage event of %s", p.metering_id)
+            if p.ticket is not None and self.limiter is not None:
+                # A replayed request id is not counted twice.
+                await self.limiter.settle(p.ticket, usage.prompt_tokens
+                                          + usage.completion_tokens, count_in_budget=inserted)
+        except Exception:
+            log.exception("metering of %s failed", p.metering_id)
 
     def _chunk(self, p: Prepared, delta: dict[str, Any]) -> dict[str, Any]:
         return {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,

@@ -34,6 +34,9 @@ class TenantQuotas(BaseModel):
     max_concurrency: Limit = None
     monthly_token_budget: BigLimit = None
     max_output_tokens: Limit = None
+    user_rpm_limit: Limit = None
+    user_tpm_limit: Limit = None
+    user_max_concurrency: Limit = None
     max_documents: Limit = None
     max_storage_bytes: BigLimit = None
 

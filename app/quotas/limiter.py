@@ -1,0 +1,317 @@
+"""Rate limits, concurrency leases and token budgets in Redis, one atomic script per
+admission (so they hold across any number of API processes).
+
+Admission checks, in one ``EVALSHA``, the tenant's and the end user's requests and
+tokens in the last minute (sliding window of one-second buckets), their concurrent
+requests (leases that expire, so a crashed process cannot leak a slot), and the tenant's
+token budget for the period (``used + reserved + cost <= budget``). Only if all pass does
+it count the request, take the leases and reserve ``cost`` tokens (prompt + max_tokens).
+Settling replaces the reservation by the engine's actual tokens; a failure settles with
+what was generated (often nothing). Reservations carry the lease's expiry, so one left
+by a crashed process is reclaimed by the next admission. The budget is therefore never
+overshot by more than the reservations in flight (in fact not at all: actual tokens
+never exceed the reservation, since max_tokens caps the answer).
+
+All keys of a tenant share the hash tag ``{tenant id}``, so a Redis Cluster keeps them
+in one slot and the script stays atomic there too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from app.errors import RateLimitedError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+WINDOW_S = 60
+UNLIMITED = -1
+
+# KEYS: 1 tenant requests, 2 tenant tokens, 3 tenant leases, 4 user requests,
+#       5 user tokens, 6 user leases, 7 budget, 8 reservation expiries, 9 reservation costs
+# ARGV: 1 now_ms, 2 window_s, 3 rpm, 4 tpm, 5 concurrency, 6 user rpm, 7 user tpm,
+#       8 user concurrency, 9 cost, 10 lease id, 11 lease ttl ms, 12 budget, 13 budget ttl s
+# Returns {0, remaining requests, remaining tokens, reset requests s, reset tokens s}
+#      or {code, retry after s, limit name}: 1 rate_limited, 2 concurrency_limited,
+#         3 budget_exhausted, 9 budget counter missing (load it, then retry).
+ADMIT = """
+local now_ms = tonumber(ARGV[1])
+local now = math.floor(now_ms / 1000)
+local window = tonumber(ARGV[2])
+local cost = tonumber(ARGV[9])
+local lease = ARGV[10]
+local expiry = now_ms + tonumber(ARGV[11])
+local budget = tonumber(ARGV[12])
+
+local function window_sum(key)
+  local data = redis.call('HGETALL', key)
+  local total, oldest = 0, now
+  for i = 1, #data, 2 do
+    local b = tonumber(data[i])
+    if b <= now - window then
+      redis.call('HDEL', key, data[i])
+    else
+      total = total + tonumber(data[i + 1])
+      if b < oldest then oldest = b end
+    end
+  end
+  return total, oldest + window - now
+end
+
+-- Reservations and leases of crashed processes expire here.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now_ms)
+for _, l in ipairs(expired) do
+  local c = tonumber(redis.call('HGET', KEYS[9], l) or '0')
+  if redis.call('EXISTS', KEYS[7]) == 1 then redis.call('HINCRBY', KEYS[7], 'reserved', -c) end
+  redis.call('HDEL', KEYS[9], l)
+  redis.call('ZREM', KEYS[8], l)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms)
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now_ms)
+
+local limits = {
+  {KEYS[1], tonumber(ARGV[3]), 1, 'requests'},
+  {KEYS[2], tonumber(ARGV[4]), cost, 'tokens'},
+  {KEYS[4], tonumber(ARGV[6]), 1, 'user_requests'},
+  {KEYS[5], tonumber(ARGV[7]), cost, 'user_tokens'},
+}
+local used = {}
+local resets = {}
+for i, l in ipairs(limits) do
+  if l[2] >= 0 then
+    local total, reset = window_sum(l[1])
+    if total + l[3] > l[2] then return {1, math.max(1, reset), l[4]} end
+    used[i] = total
+    resets[i] = reset
+  end
+end
+local conc, uconc = tonumber(ARGV[5]), tonumber(ARGV[8])
+if conc >= 0 and redis.call('ZCARD', KEYS[3]) >= conc then return {2, 1, 'concurrency'} end
+if uconc >= 0 and redis.call('ZCARD', KEYS[6]) >= uconc then return {2, 1, 'user_concurrency'} end
+if budget >= 0 then
+  if redis.call('EXISTS', KEYS[7]) == 0 then return {9, 0, 'budget'} end
+  local spent = tonumber(redis.call('HGET', KEYS[7], 'used') or '0')
+  local held = tonumber(redis.call('HGET', KEYS[7], 'reserved') or '0')
+  if spent + held + cost > budget then return {3, 0, 'budget'} end
+end
+
+for i, l in ipairs(limits) do
+  if l[2] >= 0 then
+    redis.call('HINCRBY', l[1], now, l[3])
+    redis.call('EXPIRE', l[1], window + 5)
+  end
+end
+if conc >= 0 then redis.call('ZADD', KEYS[3], expiry, lease) end
+if uconc >= 0 then redis.call('ZADD', KEYS[6], expiry, lease) end
+if budget >= 0 then
+  redis.call('HINCRBY', KEYS[7], 'reserved', cost)
+  redis.call('EXPIRE', KEYS[7], tonumber(ARGV[13]))
+  redis.call('ZADD', KEYS[8], expiry, lease)
+  redis.call('HSET', KEYS[9], lease, cost)
+  redis.call('EXPIRE', KEYS[8], tonumber(ARGV[13]))
+  redis.call('EXPIRE', KEYS[9], tonumber(ARGV[13]))
+end
+local rem_req = limits[1][2] >= 0 and (limits[1][2] - used[1] - 1) or -1
+local rem_tok = limits[2][2] >= 0 and (limits[2][2] - used[2] - cost) or -1
+return {0, rem_req, rem_tok, resets[1] or window, resets[2] or window}
+"""
+
+# KEYS as ADMIT. ARGV: 1 lease, 2 bucket second, 3 cost, 4 actual tokens, 5 count in budget
+SETTLE = """
+local lease, bucket = ARGV[1], ARGV[2]
+local delta = tonumber(ARGV[4]) - tonumber(ARGV[3])
+redis.call('ZREM', KEYS[3], lease)
+redis.call('ZREM', KEYS[6], lease)
+for _, k in ipairs({KEYS[2], KEYS[5]}) do
+  if redis.call('HEXISTS', k, bucket) == 1 then redis.call('HINCRBY', k, bucket, delta) end
+end
+local c = redis.call('HGET', KEYS[9], lease)
+local live = redis.call('EXISTS', KEYS[7]) == 1
+if c then
+  if live then redis.call('HINCRBY', KEYS[7], 'reserved', -tonumber(c)) end
+  redis.call('HDEL', KEYS[9], lease)
+  redis.call('ZREM', KEYS[8], lease)
+end
+if live and ARGV[5] == '1' then redis.call('HINCRBY', KEYS[7], 'used', tonumber(ARGV[4])) end
+return 1
+"""
+
+# KEYS as ADMIT. ARGV: 1 lease, 2 new expiry ms
+RENEW = """
+redis.call('ZADD', KEYS[3], 'XX', ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[6], 'XX', ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[8], 'XX', ARGV[2], ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One tenant's limits for a request (None = unlimited)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    user_rpm: int | None = None
+    user_tpm: int | None = None
+    user_concurrency: int | None = None
+    budget: int | None = None  # tokens per period
+
+
+@dataclass
+class Ticket:
+    """An admitted request: what to settle, and the headers to send."""
+
+    tenant_id: uuid.UUID
+    user: str
+    lease: str
+    bucket: int
+    cost: int
+    period: str
+    keys: list[str]
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+
+def period_of(now: datetime) -> str:
+    """The budget period (calendar month, UTC) a moment falls in."""
+    return now.strftime("%Y-%m")
+
+
+def seconds_to_next_period(now: datetime) -> int:
+    """Seconds until the next calendar month (UTC)."""
+    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+    return max(1, int((datetime(year, month, 1, tzinfo=UTC) - now).total_seconds()))
+
+
+class RateLimiter:
+    """Admission, settlement and lease renewal against Redis."""
+
+    def __init__(self, redis: aioredis.Redis, *, namespace: str = "q", lease_ttl_s: float = 120,
+                 fail_open: bool = False) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self.lease_ttl_s = lease_ttl_s
+        self.fail_open = fail_open
+        self._admit = redis.register_script(ADMIT)
+        self._settle = redis.register_script(SETTLE)
+        self._renew = redis.register_script(RENEW)
+
+    def keys(self, tenant_id: uuid.UUID, user: str, period: str) -> list[str]:
+        """The nine keys of a tenant (and end user), all in one cluster slot."""
+        t = f"{self.namespace}:{{{tenant_id}}}"
+        u = f"{t}:u:{user}"
+        return [f"{t}:req", f"{t}:tok", f"{t}:conc", f"{u}:req", f"{u}:tok", f"{u}:conc",
+                f"{t}:budget:{period}", f"{t}:res:exp", f"{t}:res:cost"]
+
+    async def admit(self, tenant_id: uuid.UUID, user: str, limits: Limits, cost: int,
+                    load_budget_used: Callable[[str], Awaitable[int]]) -> Ticket:
+        """Admit a request costing ``cost`` tokens or raise 429 (``rate_limited``,
+        ``concurrency_limited``, ``budget_exhausted``); 503 if Redis is unreachable
+        (unless fail-open). ``load_budget_used`` gives the period's metered tokens when
+        Redis lost the budget counter (restart), so it never starts from zero."""
+        now = datetime.now(UTC)
+        period = period_of(now)
+        keys = self.keys(tenant_id, user, period)
+        lease = uuid.uuid4().hex
+        with_user = bool(user)
+        now_ms = int(time.time() * 1000)
+        budget_ttl = seconds_to_next_period(now) + 7 * 86400
+        argv: list[int | str] = [
+            now_ms, WINDOW_S, _n(limits.rpm), _n(limits.tpm),
+            _n(limits.concurrency),
+            _n(limits.user_rpm if with_user else None), _n(limits.user_tpm if with_user else None),
+            _n(limits.user_concurrency if with_user else None),
+            cost, lease, int(self.lease_ttl_s * 1000), _n(limits.budget), budget_ttl,
+        ]
+        ticket = Ticket(tenant_id, user, lease, now_ms // 1000, cost, period, keys)
+        try:
+            result = await self._admit(keys=keys, args=argv)
+            if int(result[0]) == 9:  # the budget counter is gone: rebuild it, once
+                used = await load_budget_used(period)
+                await self.redis.hsetnx(keys[6], "used", used)
+                await self.redis.hsetnx(keys[6], "reserved", 0)
+                await self.redis.expire(keys[6], budget_ttl)
+                result = await self._admit(keys=keys, args=argv)
+        except RedisError as exc:
+            if self.fail_open:
+                log.warning("rate limiter unavailable, admitting (fail open): %s", exc)
+                ticket.settled = True  # nothing to settle
+                return ticket
+            raise ServiceUnavailableError(
+                "the rate limiter (Redis) is unavailable; retry shortly",
+                retry_after_s=2) from exc
+        code = int(result[0])
+        if code == 0:
+            ticket.headers = _headers(limits, result)
+            return ticket
+        which = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
+        if code == 1:
+            raise RateLimitedError(f"rate limit reached: {_LIMIT_NAMES[which]}",
+                                   code="rate_limited", limit=which,
+                                   retry_after_s=int(result[1]))
+        if code == 2:
+            raise RateLimitedError(f"too many requests at once: {_LIMIT_NAMES[which]}",
+                                   code="concurrency_limited", limit=which, retry_after_s=1)
+        raise RateLimitedError(
+            f"the token budget for {period} is used up ({limits.budget} tokens)",
+            code="budget_exhausted", limit="budget",
+            retry_after_s=seconds_to_next_period(now))
+
+    async def settle(self, ticket: Ticket, actual_tokens: int,
+                     count_in_budget: bool = True) -> None:
+        """Replace the reservation by ``actual_tokens`` and release the leases (once).
+        Never raises: a lost settlement expires with the lease."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        try:
+            await self._settle(keys=ticket.keys, args=[
+                ticket.lease, ticket.bucket, ticket.cost, actual_tokens,
+                "1" if count_in_budget else "0"])
+        except RedisError as exc:
+            log.warning("could not settle %s (its lease expires on its own): %s",
+                        ticket.lease, exc)
+
+    async def renew(self, ticket: Ticket) -> None:
+        """Extend a long request's leases and reservation."""
+        if ticket.settled:
+            return
+        try:
+            expiry = int((time.time() + self.lease_ttl_s) * 1000)
+            await self._renew(keys=ticket.keys, args=[ticket.lease, expiry])
+        except RedisError as exc:
+            log.warning("could not renew lease %s: %s", ticket.lease, exc)
+
+
+_LIMIT_NAMES = {
+    "requests": "requests per minute", "tokens": "tokens per minute",
+    "user_requests": "this end user's requests per minute",
+    "user_tokens": "this end user's tokens per minute",
+    "concurrency": "concurrent requests", "user_concurrency": "this end user's concurrent requests",
+}
+
+
+def _n(value: int | None) -> int:
+    return UNLIMITED if value is None else int(value)
+
+
+def _headers(limits: Limits, result: list[int]) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for the tenant's per-minute limits."""
+    headers: dict[str, str] = {}
+    if limits.rpm is not None:
+        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, int(result[1])))
+        headers["x-ratelimit-reset-requests"] = f"{int(result[3])}s"
+    if limits.tpm is not None:
+        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, int(result[2])))
+        headers["x-ratelimit-reset-tokens"] = f"{int(result[4])}s"
+    return headers

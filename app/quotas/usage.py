@@ -1,0 +1,50 @@
+"""Usage events in PostgreSQL: one row per request, idempotent on (tenant, request id)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+
+from app.db.engine import Database
+from app.db.models import UsageEvent
+
+
+class UsageService:
+    """Writes and sums usage events, always inside the tenant's own scope (RLS)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def record(self, event: UsageEvent) -> bool:
+        """Insert the event; False if one with its request id exists (a replay)."""
+        values = event.model_dump(exclude={"id"})
+        stmt = (insert(UsageEvent).values(**values)
+                .on_conflict_do_nothing(constraint="usage_events_request_unique")
+                .returning(UsageEvent.__table__.c.id))  # type: ignore[attr-defined]
+        async with self.db.tenant(event.tenant_id) as session:
+            inserted = (await session.execute(stmt)).first()
+        return inserted is not None
+
+    async def exists(self, tenant_id: uuid.UUID, request_id: str) -> bool:
+        """True if a request with this id was already metered."""
+        async with self.db.tenant(tenant_id) as session:
+            found = await session.execute(
+                select(UsageEvent.__table__.c.id).where(  # type: ignore[attr-defined]
+                    UsageEvent.__table__.c.tenant_id == tenant_id,  # type: ignore[attr-defined]
+                    UsageEvent.__table__.c.request_id == request_id))  # type: ignore[attr-defined]
+            return found.first() is not None
+
+    async def tokens_in_period(self, tenant_id: uuid.UUID, period: str) -> int:
+        """Tokens metered for the tenant in a budget period (``YYYY-MM``, UTC)."""
+        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
+        end = (start.replace(year=start.year + 1, month=1) if start.month == 12
+               else start.replace(month=start.month + 1))
+        t = UsageEvent.__table__.c  # type: ignore[attr-defined]
+        async with self.db.tenant(tenant_id) as session:
+            total = await session.scalar(
+                select(func.coalesce(func.sum(t.prompt_tokens + t.completion_tokens), 0))
+                .where(t.tenant_id == tenant_id, t.created_at >= start, t.created_at < end))
+        return int(total or 0)
