@@ -66,6 +66,7 @@ class FakeStats:
     running: int = 0
     waiting: int = 0
     max_running_seen: int = 0
+    tokens_reported: int = 0  # total_tokens of every usage this server reported
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -197,6 +198,8 @@ class FakeOpenAI:
                     "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
                 await _json(send, 200, result)
                 stats.completed += 1
+                if not cfg.omit_usage:
+                    stats.tokens_reported += usage["total_tokens"]
                 return
             await self._stream(body, send, request_id, created, n, finish, usage)
 
@@ -232,6 +235,7 @@ class FakeOpenAI:
         if usage_chunk:
             await _event(send, {**head, "choices": [], "usage": usage,
                                 "system_fingerprint": FINGERPRINT})
+            self.stats.tokens_reported += usage["total_tokens"]
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
                     "more_body": False})
         self.stats.completed += 1

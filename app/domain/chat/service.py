@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,7 +189,7 @@ class ChatService:
                     tenant.id, p.end_user, p.turns[-1]["content"])
             except BaseException:
                 p.status = "error"
-                await asyncio.shield(self.finish(tenant, p))
+                await asyncio.shield(_detach(self.finish(tenant, p)))
                 raise
 
     async def complete(self, tenant: Tenant, p: Prepared,
@@ -215,7 +215,7 @@ class ChatService:
             p.status = exc.code
             raise
         finally:
-            await asyncio.shield(self.finish(tenant, p))
+            await asyncio.shield(_detach(self.finish(tenant, p)))
         await self._record(tenant, p, answer)
         return response
 
@@ -228,7 +228,7 @@ class ChatService:
                                                        disconnected)
         except BaseException as exc:
             p.status = exc.code if isinstance(exc, DomainError) else "client_closed"
-            await asyncio.shield(self.finish(tenant, p))
+            await asyncio.shield(_detach(self.finish(tenant, p)))
             raise
         p.where = stream.where
         return stream
@@ -285,11 +285,15 @@ class ChatService:
                     log.warning("could not count the tokens of %s: %s", p.request_id,
                                 count_exc)
         finally:
-            # Shielded: a client that disconnects cancels this generator, but what was
-            # generated is still stored and metered.
-            await asyncio.shield(self._record(tenant, p, "".join(p.answer)))
-            await asyncio.shield(self.finish(tenant, p))
+            # A client that disconnects cancels this generator (and, under anyio, every
+            # later await in it), but what was generated is still stored and metered:
+            # one detached task does both.
+            await asyncio.shield(_detach(self._wrap_up(tenant, p)))
         yield b"data: [DONE]\n\n"
+
+    async def _wrap_up(self, tenant: Tenant, p: Prepared) -> None:
+        await self._record(tenant, p, "".join(p.answer))
+        await self.finish(tenant, p)
 
     async def finish(self, tenant: Tenant, p: Prepared) -> None:
         """Meter the request once, however it ended: its usage event (idempotent on the
@@ -420,6 +424,18 @@ def _citation(index: int, chunk: RetrievedChunk, snippet_chars: int) -> Citation
                     char_start=chunk.char_start, char_end=chunk.char_end,
                     heading_path=chunk.heading_path, score=chunk.score,
                     snippet=chunk.text[:snippet_chars])
+
+
+_DETACHED: set[asyncio.Task[None]] = set()
+
+
+def _detach(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run ``coro`` as its own task, kept alive until done (cancelling the caller does
+    not cancel it)."""
+    task = asyncio.ensure_future(coro)
+    _DETACHED.add(task)
+    task.add_done_callback(_DETACHED.discard)
+    return task
 
 
 def _usage(raw: Any) -> Usage | None:

@@ -1,0 +1,292 @@
+"""Rate limits, concurrency, token budgets and usage metering under concurrency, against
+real Redis and PostgreSQL, with a fake vLLM server upstream (its reported usage is the
+truth the metering must match)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from app.quotas.limiter import RateLimiter, period_of
+from app.settings import Settings
+from tests.fake_openai import FakeConfig, FakeServer, free_port
+from tests.support import (
+    PLATFORM_KEY,
+    TEST_PEPPER,
+    bearer,
+    create_key,
+    create_tenant,
+    install_dispatcher,
+    one_pool,
+    plain_dsn,
+    remove_dispatcher,
+    served_over_http,
+)
+
+Client = AsyncTestClient[Litestar]
+MODEL = "smollm2"
+ROOT = Path(__file__).resolve().parents[2]
+UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
+             "monthly_token_budget": 10**12}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeServer]:
+    with FakeServer(FakeConfig(completion_tokens=6)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+async def routed(app: Litestar, client: Client, settings: Settings,
+                 fake: FakeServer) -> AsyncIterator[None]:
+    before = app.state.dispatcher
+    d = await install_dispatcher(app, client, one_pool(fake.base_url, max_in_flight=1000),
+                                 settings)
+    yield
+    await remove_dispatcher(app, client, d)
+    app.state.dispatcher = before
+
+
+@pytest.fixture(scope="module")
+async def base_url(app: Litestar, client: Client, routed: None) -> AsyncIterator[str]:
+    async with served_over_http(app, client) as url:
+        yield url
+
+
+@pytest.fixture
+async def http(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as c:
+        yield c
+
+
+async def chat_tenant(client: Client, admin: dict[str, str], **fields: Any) -> tuple[
+        dict[str, Any], dict[str, str]]:
+    info = await create_tenant(client, admin, **{**UNLIMITED, **fields})
+    key = (await create_key(client, admin, info["id"], ["chat"]))["key"]
+    return info, bearer(key)
+
+
+def body(stream: bool = False, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "stream": stream, "max_tokens": 16, "store": False,
+            "retrieval": {"enabled": False},
+            "messages": [{"role": "user", "content": "how many days off do I get?"}], **extra}
+
+
+async def usage_rows(settings: Settings, tenant_id: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(plain_dsn(settings.database.owner_url()))
+    try:
+        return list(await conn.fetch(
+            "SELECT * FROM usage_events WHERE tenant_id = $1 ORDER BY id",
+            uuid.UUID(tenant_id)))
+    finally:
+        await conn.close()
+
+
+async def budget_counter(app: Litestar, tenant_id: str) -> dict[bytes, bytes]:
+    """The tenant's budget counter in Redis (read on this test's own connection)."""
+    limiter: RateLimiter = app.state.limiter
+    key = limiter.keys(uuid.UUID(tenant_id), "", period_of(datetime.now(UTC)))[6]
+    async with aioredis.Redis.from_url(app.state.settings.redis.url) as r:
+        result = await r.hgetall(key)
+    return {_b(k): _b(v) for k, v in result.items()}
+
+
+def _b(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+async def test_a_small_budget_holds_under_200_concurrent_requests_and_meters_exactly(
+    app: Litestar, client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+    settings: Settings, fake: FakeServer,
+) -> None:
+    info, headers = await chat_tenant(client, admin_headers, monthly_token_budget=5000)
+    before = fake.stats.tokens_reported
+    results = await asyncio.gather(*(
+        http.post("/v1/chat/completions", headers=headers, json=body(stream=i % 2 == 1))
+        for i in range(200)))
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 429} and codes.count(200) > 0 and codes.count(429) > 0
+    refused = [r.json() for r in results if r.status_code == 429]
+    assert {r["code"] for r in refused} == {"budget_exhausted"}
+    assert all(int(r.headers["retry-after"]) >= 1 for r in results if r.status_code == 429)
+    rows = await usage_rows(settings, info["id"])
+    metered = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    assert len(rows) == codes.count(200)
+    assert metered == fake.stats.tokens_reported - before  # the engine's own counts
+    assert metered <= 5000  # never over: reservations cap what is admitted
+    counter = await budget_counter(app, info["id"])
+    assert int(counter[b"used"]) == metered and int(counter[b"reserved"]) == 0
+
+
+async def test_concurrency_limit_and_rate_limit_headers(
+    client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient, fake: FakeServer,
+) -> None:
+    _, headers = await chat_tenant(client, admin_headers, max_concurrency=2, rpm_limit=100)
+    fake.config.ttft_s = 0.5
+    try:
+        results = await asyncio.gather(*(
+            http.post("/v1/chat/completions", headers=headers, json=body())
+            for _ in range(5)))
+    finally:
+        fake.config.ttft_s = 0.0
+    ok = [r for r in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code == 429]
+    assert len(ok) == 2 and len(refused) == 3
+    assert {r.json()["code"] for r in refused} == {"concurrency_limited"}
+    assert ok[0].headers["x-ratelimit-limit-requests"] == "100"
+    assert int(ok[0].headers["x-ratelimit-remaining-requests"]) in (98, 99)
+    assert ok[0].headers["x-ratelimit-reset-requests"].endswith("s")
+    # The slots are free again once the requests end.
+    assert (await http.post("/v1/chat/completions", headers=headers,
+                            json=body())).status_code == 200
+
+
+async def test_per_end_user_limits(
+    client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+) -> None:
+    _, headers = await chat_tenant(client, admin_headers, user_rpm_limit=2)
+    for _ in range(2):
+        ok = await http.post("/v1/chat/completions", headers=headers, json=body(user="ann"))
+        assert ok.status_code == 200
+    refused = await http.post("/v1/chat/completions", headers=headers, json=body(user="ann"))
+    assert refused.status_code == 429 and refused.json()["limit"] == "user_requests"
+    other = await http.post("/v1/chat/completions", headers=headers, json=body(user="bob"))
+    assert other.status_code == 200
+
+
+async def test_a_request_killed_mid_stream_is_metered_and_a_replay_is_not_counted_twice(
+    app: Litestar, client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+    settings: Settings, fake: FakeServer,
+) -> None:
+    info, headers = await chat_tenant(client, admin_headers, monthly_token_budget=10**6)
+    fake.config.itl_s, fake.config.completion_tokens = 0.1, 30
+    try:
+        async with http.stream("POST", "/v1/chat/completions", json=body(stream=True),
+                               headers={**headers, "X-Request-Id": "killed-1"}) as resp:
+            seen = 0
+            async for line in resp.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 4:
+                    break  # the client goes away mid-answer
+        for _ in range(100):
+            rows = await usage_rows(settings, info["id"])
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        fake.config.itl_s, fake.config.completion_tokens = 0.0, 6
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["request_id"] == "killed-1" and row["status"] == "client_closed"
+    assert row["prompt_tokens"] > 0 and 0 < row["completion_tokens"] < 30
+    # The same request id again: answered, but metered once.
+    for _ in range(2):
+        again = await http.post("/v1/chat/completions", json=body(),
+                                headers={**headers, "X-Request-Id": "replayed-1"})
+        assert again.status_code == 200
+    rows = await usage_rows(settings, info["id"])
+    assert [r["request_id"] for r in rows] == ["killed-1", "replayed-1"]
+    counter = await budget_counter(app, info["id"])
+    assert int(counter[b"used"]) == sum(r["prompt_tokens"] + r["completion_tokens"]
+                                        for r in rows)
+    bad = await http.post("/v1/chat/completions", json=body(),
+                          headers={**headers, "X-Request-Id": "no spaces"})
+    assert bad.status_code == 400
+
+
+async def test_a_lost_budget_counter_is_rebuilt_from_metered_usage(
+    app: Litestar, client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+    settings: Settings,
+) -> None:
+    info, headers = await chat_tenant(client, admin_headers, monthly_token_budget=10**6)
+    for _ in range(3):
+        assert (await http.post("/v1/chat/completions", headers=headers,
+                                json=body())).status_code == 200
+    async with aioredis.Redis.from_url(settings.redis.url or "") as r:
+        for key in await r.keys(f"*{info['id']}*"):
+            await r.delete(key)  # as after a Redis restart without persistence
+    assert (await http.post("/v1/chat/completions", headers=headers,
+                            json=body())).status_code == 200
+    rows = await usage_rows(settings, info["id"])
+    counter = await budget_counter(app, info["id"])
+    assert int(counter[b"used"]) == sum(r["prompt_tokens"] + r["completion_tokens"]
+                                        for r in rows)
+
+
+async def test_redis_down_is_a_clear_503_and_recovers_without_restart(
+    app: Litestar, client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+) -> None:
+    _, headers = await chat_tenant(client, admin_headers, rpm_limit=1000)
+    working = app.state.limiter
+    dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0",
+                                   socket_connect_timeout=0.5)
+    app.state.limiter = RateLimiter(dead)
+    try:
+        resp = await http.post("/v1/chat/completions", headers=headers, json=body())
+        assert resp.status_code == 503, resp.text
+        assert "rate limiter" in resp.json()["detail"] and resp.headers["retry-after"]
+    finally:
+        app.state.limiter = working
+        await dead.aclose()
+    assert (await http.post("/v1/chat/completions", headers=headers,
+                            json=body())).status_code == 200
+
+
+def start_api(settings: Settings, fake: FakeServer, port: int, log: Path) -> subprocess.Popen[
+        bytes]:
+    env = {**os.environ, "APP_ENV": "test", "DATABASE_URL": settings.database.url or "",
+           "REDIS_URL": settings.redis.url or "", "LLM_BASE_URL": fake.base_url,
+           "AUTH_KEY_PEPPER": TEST_PEPPER, "AUTH_PLATFORM_ADMIN_KEY": PLATFORM_KEY,
+           "WORKER_NAMESPACE": settings.worker.namespace, "HF_HUB_OFFLINE": "1",
+           "APP_DATA_DIR": str(log.parent / f"data-{port}")}
+    tenantrag = str(Path(sys.executable).parent / "tenantrag")
+    return subprocess.Popen([tenantrag, "serve", "--port", str(port)], env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+async def test_an_rpm_limit_is_exact_across_two_api_processes(
+    client: Client, admin_headers: dict[str, str], settings: Settings, fake: FakeServer,
+    tmp_path: Path,
+) -> None:
+    _, headers = await chat_tenant(client, admin_headers, rpm_limit=25)
+    ports = [free_port(), free_port()]
+    procs = [start_api(settings, fake, p, tmp_path / f"api-{p}.log") for p in ports]
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            for port, proc in zip(ports, procs, strict=True):
+                for _ in range(600):
+                    assert proc.poll() is None, (tmp_path / f"api-{port}.log").read_text()
+                    try:
+                        if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code \
+                                == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.2)
+            results = await asyncio.gather(*(
+                http.post(f"http://127.0.0.1:{ports[i % 2]}/v1/chat/completions",
+                          headers=headers, json=body()) for i in range(80)))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(20)
+    codes = [r.status_code for r in results]
+    assert codes.count(200) == 25, codes
+    assert codes.count(429) == 55
+    assert {r.json()["code"] for r in results if r.status_code == 429} == {"rate_limited"}
