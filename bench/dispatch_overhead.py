@@ -8,7 +8,9 @@ Targets, each its own process, one worker each:
   (a) direct: the fake upstream itself (``python -m tests.fake_openai``, no latency);
   (b) app: ``tenantrag serve`` with a tenant key, the fake as its only pool
       (``LLM_BASE_URL``), retrieval off, ``store`` off, on PostgreSQL and Redis
-      (DATABASE_URL/REDIS_URL, else the embedded stack) in a scratch database;
+      (DATABASE_URL/REDIS_URL, else the embedded stack) in a scratch database; the
+      tenant has (high) rate limits, concurrency limit and budget, so each request runs
+      the Redis admission script and writes its usage event;
   (c) litellm: ``litellm --config`` with the same model at the fake, master key, no
       database (its Prisma engine needs a download this machine cannot make).
 
@@ -126,8 +128,11 @@ def pct(values: list[float], q: float) -> float:
 async def app_key(base: str) -> str:
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     async with httpx.AsyncClient(base_url=base, headers=admin, timeout=30) as c:
+        # Limits set (high), so every request runs the admission script and is metered.
         tenant = await c.post("/admin/tenants", json={
-            "slug": "bench", "name": "Bench", "tier": "enterprise"})
+            "slug": "bench", "name": "Bench", "tier": "enterprise", "rpm_limit": 10**7,
+            "tpm_limit": 10**9, "max_concurrency": 10**4,
+            "monthly_token_budget": 10**13})
         tenant.raise_for_status()
         key = await c.post(f"/admin/tenants/{tenant.json()['id']}/keys",
                            json={"name": "bench", "scopes": ["chat"]})

@@ -15,6 +15,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.api.factory import cache_salt_key
+from app.domain.chat.service import pending_wrap_ups
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import PoolConfig, PoolsConfig
 from app.settings import DispatchSettings, Settings, as_asyncpg_url
@@ -117,3 +118,12 @@ async def served_over_http(app: Litestar,
     finally:
         server.should_exit = True
         await asyncio.to_thread(running.result, 15)
+
+
+async def metering_done(timeout_s: float = 10.0) -> None:
+    """Wait until the app has written every pending usage event and conversation turn
+    (they are written behind the answer)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while pending_wrap_ups():
+        assert asyncio.get_running_loop().time() < deadline, "metering did not finish"
+        await asyncio.sleep(0.02)

@@ -31,6 +31,7 @@ from tests.support import (
     create_key,
     create_tenant,
     install_dispatcher,
+    metering_done,
     one_pool,
     plain_dsn,
     remove_dispatcher,
@@ -88,6 +89,7 @@ def body(stream: bool = False, **extra: Any) -> dict[str, Any]:
 
 
 async def usage_rows(settings: Settings, tenant_id: str) -> list[asyncpg.Record]:
+    await metering_done()
     conn = await asyncpg.connect(plain_dsn(settings.database.owner_url()))
     try:
         return list(await conn.fetch(
@@ -99,6 +101,7 @@ async def usage_rows(settings: Settings, tenant_id: str) -> list[asyncpg.Record]
 
 async def budget_counter(app: Litestar, tenant_id: str) -> dict[bytes, bytes]:
     """The tenant's budget counter in Redis (read on this test's own connection)."""
+    await metering_done()
     limiter: RateLimiter = app.state.limiter
     key = limiter.keys(uuid.UUID(tenant_id), "", period_of(datetime.now(UTC)))[6]
     async with aioredis.Redis.from_url(app.state.settings.redis.url) as r:

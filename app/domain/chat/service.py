@@ -96,6 +96,7 @@ class Prepared:
     ttft_s: float | None = None
     status: str = "client_closed"  # until the request ends otherwise
     finished: bool = False
+    recorded: bool = False
 
     @property
     def cost(self) -> int:
@@ -215,7 +216,7 @@ class ChatService:
             p.status = exc.code
             raise
         finally:
-            await asyncio.shield(_detach(self.finish(tenant, p)))
+            _detach(self.finish(tenant, p))  # metered behind the answer, not before it
         await self._record(tenant, p, answer)
         return response
 
@@ -237,62 +238,68 @@ class ChatService:
                      upstream: DispatchedStream) -> AsyncIterator[bytes]:
         """Server-sent events: a first chunk with the citations, the upstream's chunks,
         then ``[DONE]``. An upstream failure mid-stream ends the stream with an error
-        event (and ``[DONE]``) instead of cutting it."""
+        event (and ``[DONE]``) instead of cutting it. The turn is stored before
+        ``[DONE]`` (so the conversation can be continued at once) and metered behind it;
+        if the client goes away, this generator is cancelled (and, under anyio, so is
+        every later await in it), but what was generated is still stored and metered, in
+        a task of its own."""
         first = self._chunk(p, {"role": "assistant", "content": ""})
         first["citations"] = p.citation_dicts()
         first["conversation_id"] = str(p.conversation_id) if p.conversation_id else None
-        yield _sse(first)
-        renewed = time.perf_counter()
         try:
-            async for event in upstream.events():
-                chunk = event.chunk
-                if chunk is None:
-                    break
-                if p.ttft_s is None:
-                    p.ttft_s = time.perf_counter() - p.started
-                if p.ticket is not None and self.limiter is not None \
-                        and time.perf_counter() - renewed > self.limiter.lease_ttl_s / 3:
-                    renewed = time.perf_counter()  # a long stream keeps its lease
-                    await self.limiter.renew(p.ticket)
-                chunk["id"], chunk["model"], chunk["created"] = p.request_id, p.model, p.created
-                for choice in chunk.get("choices") or []:
-                    p.answer.append(str((choice.get("delta") or {}).get("content") or ""))
-                    p.finish_reason = choice.get("finish_reason") or p.finish_reason
-                if chunk.get("usage") is not None:
-                    p.usage = _usage(chunk["usage"])
-                if not chunk.get("choices") and chunk.get("usage") is not None:
-                    if p.include_usage:
-                        yield _sse(chunk)
-                    continue
-                if not p.include_usage:
-                    chunk.pop("usage", None)
-                yield _sse(chunk)
-            if p.usage is None:  # the server reported none: count with its tokenizer
-                p.usage = await self._count_usage(p, "".join(p.answer))
-                if p.include_usage:
-                    usage_chunk = self._chunk(p, {})
-                    usage_chunk["choices"], usage_chunk["usage"] = [], p.usage.as_dict()
-                    yield _sse(usage_chunk)
-            p.status = "ok"
-        except DomainError as exc:
-            p.status = exc.code
-            log.warning("stream %s ended by an upstream failure: %s", p.request_id, exc)
-            yield _sse({"error": {"message": exc.detail, "type": exc.code, "code": exc.code}})
-            if p.usage is None:  # what was generated still counts
-                try:
-                    p.usage = await self._count_usage(p, "".join(p.answer))
-                except DomainError as count_exc:
-                    log.warning("could not count the tokens of %s: %s", p.request_id,
-                                count_exc)
+            yield _sse(first)
+            try:
+                async for piece in self._relay(p, upstream):
+                    yield piece
+                p.status = "ok"
+            except DomainError as exc:
+                p.status = exc.code
+                log.warning("stream %s ended by an upstream failure: %s", p.request_id, exc)
+                yield _sse({"error": {"message": exc.detail, "type": exc.code,
+                                      "code": exc.code}})
+            await self._record(tenant, p, "".join(p.answer))
+            p.recorded = True
         finally:
-            # A client that disconnects cancels this generator (and, under anyio, every
-            # later await in it), but what was generated is still stored and metered:
-            # one detached task does both.
-            await asyncio.shield(_detach(self._wrap_up(tenant, p)))
+            _detach(self._wrap_up(tenant, p))
         yield b"data: [DONE]\n\n"
 
+    async def _relay(self, p: Prepared, upstream: DispatchedStream) -> AsyncIterator[bytes]:
+        """The upstream's chunks, rewritten with our id and model; usage collected."""
+        renewed = time.perf_counter()
+        async for event in upstream.events():
+            chunk = event.chunk
+            if chunk is None:
+                break
+            if p.ttft_s is None:
+                p.ttft_s = time.perf_counter() - p.started
+            if p.ticket is not None and self.limiter is not None \
+                    and time.perf_counter() - renewed > self.limiter.lease_ttl_s / 3:
+                renewed = time.perf_counter()  # a long stream keeps its lease
+                await self.limiter.renew(p.ticket)
+            chunk["id"], chunk["model"], chunk["created"] = p.request_id, p.model, p.created
+            for choice in chunk.get("choices") or []:
+                p.answer.append(str((choice.get("delta") or {}).get("content") or ""))
+                p.finish_reason = choice.get("finish_reason") or p.finish_reason
+            if chunk.get("usage") is not None:
+                p.usage = _usage(chunk["usage"])
+            if not chunk.get("choices") and chunk.get("usage") is not None:
+                if p.include_usage:
+                    yield _sse(chunk)
+                continue
+            if not p.include_usage:
+                chunk.pop("usage", None)
+            yield _sse(chunk)
+        if p.usage is None:  # the server reported none: count with its tokenizer
+            p.usage = await self._count_usage(p, "".join(p.answer))
+            if p.include_usage:
+                usage_chunk = self._chunk(p, {})
+                usage_chunk["choices"], usage_chunk["usage"] = [], p.usage.as_dict()
+                yield _sse(usage_chunk)
+
     async def _wrap_up(self, tenant: Tenant, p: Prepared) -> None:
-        await self._record(tenant, p, "".join(p.answer))
+        if not p.recorded:
+            p.recorded = True
+            await self._record(tenant, p, "".join(p.answer))
         await self.finish(tenant, p)
 
     async def finish(self, tenant: Tenant, p: Prepared) -> None:
@@ -427,6 +434,11 @@ def _citation(index: int, chunk: RetrievedChunk, snippet_chars: int) -> Citation
 
 
 _DETACHED: set[asyncio.Task[None]] = set()
+
+
+def pending_wrap_ups() -> int:
+    """Conversation writes and usage events still being written (tests wait for 0)."""
+    return len(_DETACHED)
 
 
 def _detach(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
