@@ -182,6 +182,9 @@ class DispatchSettings(BaseSettings):
     priority_pro: int = 5
     priority_enterprise: int = 0
     affinity_headroom: float = Field(default=0.25, ge=0)
+    # On shared pools no tenant holds more than this share of the slots: the rest stay
+    # free for other tenants' next requests (1.0 = off: a lone tenant may use them all).
+    max_tenant_share: float = Field(default=0.875, gt=0, le=1)
     health_interval_s: float = Field(default=5.0, gt=0)
     health_timeout_s: float = Field(default=2.0, gt=0)
     breaker_failures: int = Field(default=3, ge=1)

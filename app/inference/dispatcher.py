@@ -87,6 +87,7 @@ class Pool:
     replicas: list[Replica]
     queue: DeficitRoundRobin[Waiter]
     mean_duration_s: float = 5.0  # moving average of a request's time on a replica
+    held: dict[bytes, int] = field(default_factory=dict)  # slots in use per tenant
 
     @property
     def name(self) -> str:
@@ -97,6 +98,13 @@ class Pool:
         """Slots across its usable replicas."""
         now = time.monotonic()
         return sum(r.cap for r in self.replicas if r.usable(now))
+
+    def within_share(self, tenant_key: bytes, share: float) -> bool:
+        """May this tenant take one more slot? On shared pools no tenant holds more than
+        ``share`` of the slots, so one is always free for another tenant's next request."""
+        if share >= 1.0 or self.config.kind is not PoolKind.shared:
+            return True
+        return self.held.get(tenant_key, 0) < max(1, math.floor(share * self.capacity()))
 
 
 @dataclass(eq=False)
@@ -111,10 +119,12 @@ class Waiter:
 class Lease:
     """A slot on one replica, held for one upstream request; release it exactly once."""
 
-    def __init__(self, dispatcher: Dispatcher, pool: Pool, replica: Replica) -> None:
+    def __init__(self, dispatcher: Dispatcher, pool: Pool, replica: Replica,
+                 tenant_key: bytes) -> None:
         self._dispatcher = dispatcher
         self.pool = pool
         self.replica = replica
+        self.tenant_key = tenant_key
         self.started = time.monotonic()
         self.released = False
 
@@ -266,12 +276,13 @@ class Dispatcher:
         now = time.monotonic()
         if not any(r.usable(now) and r.url not in exclude for p in pools for r in p.replicas):
             raise self._no_capacity(tenant, model)
+        share = self.settings.max_tenant_share
         for pool in pools:
-            if len(pool.queue):  # others wait here: do not jump ahead of them
-                continue
+            if len(pool.queue) or not pool.within_share(tenant.key, share):
+                continue  # others wait here (do not jump ahead), or at its share: wait
             replica = choose(pool.replicas, tenant.key, self.settings.affinity_headroom, exclude)
             if replica is not None:
-                return self._grant(pool, replica)
+                return self._grant(pool, replica, tenant.key)
         return await self._wait(tenant, pools, cost, disconnected)
 
     async def _wait(self, tenant: TenantRoute, pools: list[Pool], cost: float,
@@ -321,14 +332,20 @@ class Dispatcher:
         else:
             waiter.future.cancel()
 
-    def _grant(self, pool: Pool, replica: Replica) -> Lease:
+    def _grant(self, pool: Pool, replica: Replica, tenant_key: bytes) -> Lease:
         replica.in_flight += 1
+        pool.held[tenant_key] = pool.held.get(tenant_key, 0) + 1
         replica.breaker.on_dispatch(time.monotonic())
-        return Lease(self, pool, replica)
+        return Lease(self, pool, replica, tenant_key)
 
     def _release(self, lease: Lease, ok: bool | None) -> None:
         replica, pool = lease.replica, lease.pool
         replica.in_flight -= 1
+        held = pool.held.get(lease.tenant_key, 1) - 1
+        if held:
+            pool.held[lease.tenant_key] = held
+        else:
+            pool.held.pop(lease.tenant_key, None)
         now = time.monotonic()
         if ok is True:
             replica.breaker.on_success()
@@ -341,12 +358,13 @@ class Dispatcher:
 
     def _pump(self, pool: Pool) -> None:
         """Hand free slots of ``pool`` to its waiters, fairest first."""
-        headroom = self.settings.affinity_headroom
+        headroom, share = self.settings.affinity_headroom, self.settings.max_tenant_share
         while len(pool.queue):
             now = time.monotonic()
             if not any(r.has_room() and r.usable(now) for r in pool.replicas):
                 return
-            entry = pool.queue.pop()
+            entry = pool.queue.pop(
+                lambda key: pool.within_share(key, share))  # type: ignore[arg-type]
             if entry is None:
                 return
             waiter = entry.item
@@ -357,7 +375,7 @@ class Dispatcher:
                 pool.queue.push(entry)
                 return
             self._unqueue(waiter)
-            waiter.future.set_result(self._grant(pool, replica))
+            waiter.future.set_result(self._grant(pool, replica, waiter.tenant.key))
 
     @staticmethod
     def _unqueue(waiter: Waiter) -> None:

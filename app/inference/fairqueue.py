@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def _always(_: Hashable) -> bool:
+    return True
 
 
 @dataclass(eq=False)
@@ -83,10 +87,15 @@ class DeficitRoundRobin(Generic[T]):
             self._drop_key(entry.key)
         return True
 
-    def pop(self) -> Entry[T] | None:
-        """The next entry to serve, or None if nothing waits."""
-        if self._new:  # a sparse tenant's first request: served now, charged to its credit
-            key = self._new.popleft()
+    def pop(self, eligible: Callable[[Hashable], bool] | None = None) -> Entry[T] | None:
+        """The next entry to serve, or None if nothing (eligible) waits. ``eligible``
+        skips keys that may not be served now (e.g. at their share of a pool); they keep
+        their place and credit but gain none while skipped."""
+        ok = eligible or _always
+        for key in self._new:  # a sparse tenant's first request: served now, on credit
+            if not ok(key):
+                continue
+            self._new.remove(key)
             queue = self._queues[key]
             head = queue.popleft()
             head.queued = False
@@ -97,8 +106,14 @@ class DeficitRoundRobin(Generic[T]):
             else:
                 del self._queues[key], self._deficit[key]
             return head
-        while self._order:
+        if not any(ok(key) for key in self._order):
+            return None
+        while True:
             key = self._order[0]
+            if not ok(key):
+                self._order.rotate(-1)
+                self._turn_started = False
+                continue
             queue = self._queues[key]
             if not self._turn_started:
                 self._deficit[key] += self.quantum * queue[0].weight
@@ -114,8 +129,7 @@ class DeficitRoundRobin(Generic[T]):
                 return head
             self._order.rotate(-1)
             self._turn_started = False
-            self._skip_idle_rounds()
-        return None
+            self._skip_idle_rounds(ok)
 
     def _drop_key(self, key: Hashable) -> None:
         del self._queues[key]
@@ -127,16 +141,20 @@ class DeficitRoundRobin(Generic[T]):
             self._turn_started = False
         self._order.remove(key)
 
-    def _skip_idle_rounds(self) -> None:
+    def _skip_idle_rounds(self, ok: Callable[[Hashable], bool]) -> None:
         """When a whole round would serve nobody (costs far above the quantum), grant
         the rounds at once instead of spinning through them."""
         if self._turn_started:
             return
         rounds = math.inf
         for key in self._order:
+            if not ok(key):
+                continue
             head = self._queues[key][0]
             need = head.cost - self._deficit[key]
             rounds = min(rounds, math.ceil(need / (self.quantum * head.weight)))
         if rounds > 1 and rounds != math.inf:
             for key in self._order:
+                if not ok(key):
+                    continue
                 self._deficit[key] += (rounds - 1) * self.quantum * self._queues[key][0].weight

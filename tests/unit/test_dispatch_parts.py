@@ -54,6 +54,18 @@ def test_a_tenant_with_nothing_waiting_is_served_at_the_next_slot() -> None:
     assert counts["quiet"] <= 21
 
 
+def test_ineligible_tenants_are_skipped_but_keep_their_place() -> None:
+    q: DeficitRoundRobin[int] = DeficitRoundRobin(quantum=100)
+    for i in range(3):
+        q.push(Entry("a", 1.0, 100, i))
+        q.push(Entry("b", 1.0, 100, i))
+    only_b = q.pop(lambda key: key == "b")
+    assert only_b is not None and only_b.key == "b"
+    assert q.pop(lambda key: False) is None
+    assert q.depth("a") == 3  # nothing of a's was lost while it was skipped
+    assert sorted(drain(q, 5)) == ["a", "a", "a", "b", "b"]
+
+
 def test_weights_share_slots_in_proportion() -> None:
     q: DeficitRoundRobin[int] = DeficitRoundRobin(quantum=100)
     for i in range(400):
