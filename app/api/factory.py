@@ -48,6 +48,7 @@ from app.inference.controllers import list_pools
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import load_pools
 from app.quotas.limiter import RateLimiter
+from app.quotas.reports import admin_usage, tenant_usage
 from app.quotas.usage import UsageService
 from app.settings import Settings
 from app.stores import vector_store_config
@@ -204,7 +205,7 @@ def create_app(
                         PlatformKeysController, TenantKeysController, KnowledgeBaseController,
                         retrieve, chat_completions, ConversationController,
                         get_system_prompt, put_system_prompt, list_system_prompt_versions,
-                        list_pools],
+                        list_pools, tenant_usage, admin_usage],
         dependencies={
             "tenants": Provide(provide_tenants, sync_to_thread=False),
             "keys": Provide(provide_keys, sync_to_thread=False),

@@ -293,3 +293,46 @@ async def test_an_rpm_limit_is_exact_across_two_api_processes(
     assert codes.count(200) == 25, codes
     assert codes.count(429) == 55
     assert {r.json()["code"] for r in results if r.status_code == 429} == {"rate_limited"}
+
+
+async def test_usage_reports_per_day_model_and_user_as_json_and_csv(
+    client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+) -> None:
+    info, chat_headers = await chat_tenant(client, admin_headers)
+    admin_key = (await create_key(client, admin_headers, info["id"], ["admin"]))["key"]
+    admin = bearer(admin_key)
+    _, other_headers = await chat_tenant(client, admin_headers)
+    for user in ("ann", "ann", "bob"):
+        assert (await http.post("/v1/chat/completions", headers=chat_headers,
+                                json=body(user=user))).status_code == 200
+    assert (await http.post("/v1/chat/completions", headers=other_headers,
+                            json=body(user="eve"))).status_code == 200
+    await metering_done()
+    by_user = (await http.get("/v1/usage?group_by=user", headers=admin)).json()
+    assert [(r["key"], r["requests"]) for r in by_user["data"]] == [("ann", 2), ("bob", 1)]
+    row = by_user["data"][0]
+    assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"] > 0
+    by_model = (await http.get("/v1/usage?group_by=model", headers=admin)).json()
+    assert [(r["key"], r["requests"]) for r in by_model["data"]] == [(MODEL, 3)]
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    by_day = (await http.get("/v1/usage", headers=admin)).json()
+    assert [(r["key"], r["requests"]) for r in by_day["data"]] == [(today, 3)]
+    as_csv = await http.get("/v1/usage?group_by=user&format=csv", headers=admin)
+    assert as_csv.headers["content-type"].startswith("text/csv")
+    lines = as_csv.text.strip().splitlines()
+    assert lines[0] == "user,requests,prompt_tokens,completion_tokens,total_tokens,errors"
+    assert lines[1].startswith("ann,2,") and len(lines) == 3
+    # A window with nothing in it; bad windows; scopes.
+    empty = await http.get("/v1/usage?from=2020-01-01T00:00:00Z&to=2020-02-01T00:00:00Z",
+                           headers=admin)
+    assert empty.status_code == 200 and empty.json()["data"] == []
+    backwards = await http.get("/v1/usage?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+                               headers=admin)
+    assert backwards.status_code == 400
+    assert (await http.get("/v1/usage", headers=chat_headers)).status_code == 403
+    assert (await http.get("/v1/usage?group_by=tenant", headers=admin)).status_code == 400
+    # The operator sees every tenant, by slug.
+    everyone = (await http.get("/admin/usage", headers=admin_headers)).json()
+    slugs = {r["key"]: r["requests"] for r in everyone["data"]}
+    assert slugs[info["slug"]] == 3
+    assert (await http.get("/admin/usage", headers=admin)).status_code == 403

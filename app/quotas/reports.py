@@ -1,0 +1,145 @@
+"""Usage reports: ``GET /v1/usage`` (a tenant's own, ``admin`` scope) and
+``GET /admin/usage`` (the operator, across tenants), as JSON or CSV."""
+
+from __future__ import annotations
+
+import csv
+import enum
+import io
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from litestar import Request, Response, get
+from litestar.datastructures import State
+from litestar.params import FromQuery, QueryParameter
+from pydantic import BaseModel
+from sqlalchemy import func, select
+
+from app.api.guards import platform_only, requires_scope, tenant_of
+from app.auth.keys import Scope
+from app.db.engine import Database
+from app.db.models import Tenant, UsageEvent
+from app.errors import BadRequestError
+
+AnyRequest = Request[Any, Any, Any]
+MAX_SPAN = timedelta(days=366)
+
+
+class GroupBy(enum.StrEnum):
+    """How rows are grouped."""
+
+    day = "day"
+    model = "model"
+    user = "user"
+    tenant = "tenant"  # operator only
+
+
+class UsageRow(BaseModel):
+    """Totals of one group."""
+
+    key: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    errors: int
+
+
+class UsageReport(BaseModel):
+    """Totals per group over ``[from, to)``."""
+
+    start: datetime
+    end: datetime
+    group_by: GroupBy
+    data: list[UsageRow]
+
+
+def _window(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+    end = end or datetime.now(UTC)
+    start = start or (end - timedelta(days=30))
+    if start.tzinfo is None or end.tzinfo is None:
+        raise BadRequestError("from and to need a time zone (e.g. 2026-11-01T00:00:00Z)")
+    if start >= end:
+        raise BadRequestError("from must be before to")
+    if end - start > MAX_SPAN:
+        raise BadRequestError("a report spans at most 366 days")
+    return start, end
+
+
+async def usage_report(db: Database, tenant_id: uuid.UUID | None, start: datetime,
+                       end: datetime, group_by: GroupBy) -> UsageReport:
+    """Totals per group; ``tenant_id`` None = every tenant (operator scope)."""
+    t = UsageEvent.__table__.c  # type: ignore[attr-defined]
+    if group_by is GroupBy.day:
+        key: Any = func.to_char(func.date_trunc("day", func.timezone("UTC", t.created_at)),
+                                "YYYY-MM-DD")
+    elif group_by is GroupBy.model:
+        key = t.model
+    elif group_by is GroupBy.user:
+        key = t.end_user
+    else:
+        key = Tenant.__table__.c.slug  # type: ignore[attr-defined]
+    stmt = select(
+        key.label("key"), func.count().label("requests"),
+        func.coalesce(func.sum(t.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(t.completion_tokens), 0).label("completion_tokens"),
+        func.count().filter(t.status != "ok").label("errors"),
+    ).where(t.created_at >= start, t.created_at < end).group_by(key).order_by(key)
+    if group_by is GroupBy.tenant:
+        stmt = stmt.join(Tenant.__table__, Tenant.__table__.c.id == t.tenant_id)  # type: ignore[attr-defined]
+    if tenant_id is not None:
+        stmt = stmt.where(t.tenant_id == tenant_id)
+        scope = db.tenant(tenant_id)
+    else:
+        scope = db.platform()
+    async with scope as session:
+        rows = (await session.execute(stmt)).all()
+    return UsageReport(start=start, end=end, group_by=group_by, data=[
+        UsageRow(key=str(r.key), requests=r.requests, prompt_tokens=r.prompt_tokens,
+                 completion_tokens=r.completion_tokens,
+                 total_tokens=r.prompt_tokens + r.completion_tokens, errors=r.errors)
+        for r in rows])
+
+
+def _respond(report: UsageReport, fmt: str) -> Response[Any]:
+    if fmt == "json":
+        return Response(report)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([report.group_by.value, "requests", "prompt_tokens", "completion_tokens",
+                     "total_tokens", "errors"])
+    for r in report.data:
+        writer.writerow([r.key, r.requests, r.prompt_tokens, r.completion_tokens,
+                         r.total_tokens, r.errors])
+    return Response(out.getvalue(), media_type="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="usage-{report.group_by.value}.csv"'})
+
+
+From = FromQuery[Annotated[datetime | None,
+                           QueryParameter(name="from", description="inclusive, ISO 8601")]]
+To = FromQuery[Annotated[datetime | None,
+                         QueryParameter(name="to", description="exclusive, ISO 8601")]]
+Format = FromQuery[Annotated[str, QueryParameter(pattern="^(json|csv)$")]]
+
+
+@get("/v1/usage", guards=[requires_scope(Scope.admin)], tags=["usage"],
+     summary="The tenant's usage per day, model or end user (JSON or CSV)")
+async def tenant_usage(request: AnyRequest, state: State, start: From = None, end: To = None,
+                       group_by: FromQuery[GroupBy] = GroupBy.day, format: Format = "json",
+                       ) -> Response[Any]:
+    """Requests and tokens over ``[from, to)`` (default: the last 30 days)."""
+    if group_by is GroupBy.tenant:
+        raise BadRequestError("group_by=tenant is for the operator's /admin/usage")
+    s, e = _window(start, end)
+    return _respond(await usage_report(state.db, tenant_of(request), s, e, group_by), format)
+
+
+@get("/admin/usage", guards=[platform_only], tags=["platform admin"],
+     summary="Usage across tenants per tenant, day, model or end user (JSON or CSV)")
+async def admin_usage(state: State, start: From = None, end: To = None,
+                      group_by: FromQuery[GroupBy] = GroupBy.tenant, format: Format = "json",
+                      ) -> Response[Any]:
+    """Every tenant's requests and tokens over ``[from, to)``."""
+    s, e = _window(start, end)
+    return _respond(await usage_report(state.db, None, s, e, group_by), format)
