@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -127,3 +128,12 @@ async def metering_done(timeout_s: float = 10.0) -> None:
     while pending_wrap_ups():
         assert asyncio.get_running_loop().time() < deadline, "metering did not finish"
         await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def concurrent_client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for many requests at once against the app served over HTTP (the
+    test client runs one request at a time)."""
+    limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as c:
+        yield c

@@ -413,38 +413,37 @@ class Dispatcher:
                        ) -> tuple[dict[str, Any], Dispatched]:
         """A non-streaming completion, retried once on another replica after a connect
         error or a 5xx."""
-        exclude: frozenset[str] = frozenset()
-        for attempt in (1, 2):
-            lease = await self.acquire(tenant, model, cost, exclude, disconnected)
-            try:
-                response = await lease.replica.upstream.complete(
-                    self.prepare_body(tenant, lease.pool, body))
-            except DomainError as exc:
-                self._after_failure(lease, exc)
-                if attempt == 1 and _retryable(exc) and self._has_other(tenant, model, lease):
-                    exclude = frozenset({lease.replica.url})
-                    continue
-                raise
-            except BaseException:
-                lease.release(None)
-                raise
-            lease.release(True)
-            return response, Dispatched(lease.pool.name, lease.replica.url, attempt)
-        raise AssertionError("unreachable")
+        response, lease, attempt = await self._send(
+            tenant, model, body, cost, disconnected, Upstream.complete)
+        lease.release(True)
+        return response, Dispatched(lease.pool.name, lease.replica.url, attempt)
 
     async def open_stream(self, tenant: TenantRoute, model: str, body: dict[str, Any],
                           cost: float, disconnected: Disconnected | None = None,
                           ) -> DispatchedStream:
         """Open a stream (response headers received), retried once on another replica
         after a connect error or a 5xx; the slot is held until the stream ends."""
+        stream, lease, attempt = await self._send(
+            tenant, model, body, cost, disconnected, Upstream.open_stream)
+        return DispatchedStream(stream, lease, attempt)
+
+    async def _send(self, tenant: TenantRoute, model: str, body: dict[str, Any], cost: float,
+                    disconnected: Disconnected | None,
+                    send: Callable[[Upstream, dict[str, Any]], Awaitable[T]],
+                    ) -> tuple[T, Lease, int]:
+        """Take a slot and ``send`` the request there; after a connect error or a 5xx,
+        once more on another replica. Returns the answer with its (held) lease."""
         exclude: frozenset[str] = frozenset()
         for attempt in (1, 2):
             lease = await self.acquire(tenant, model, cost, exclude, disconnected)
             try:
-                stream = await lease.replica.upstream.open_stream(
-                    self.prepare_body(tenant, lease.pool, body))
+                answer = await send(lease.replica.upstream,
+                                    self.prepare_body(tenant, lease.pool, body))
             except DomainError as exc:
-                self._after_failure(lease, exc)
+                if isinstance(exc, UpstreamConnectError):
+                    self._mark_down(lease.replica, exc)
+                # A refused request (4xx) says the server works; errors and timeouts count.
+                lease.release(not isinstance(exc, UpstreamError))
                 if attempt == 1 and _retryable(exc) and self._has_other(tenant, model, lease):
                     exclude = frozenset({lease.replica.url})
                     continue
@@ -452,15 +451,14 @@ class Dispatcher:
             except BaseException:
                 lease.release(None)
                 raise
-            return DispatchedStream(stream, lease, attempt)
+            return answer, lease, attempt
         raise AssertionError("unreachable")
 
-    def _after_failure(self, lease: Lease, exc: DomainError) -> None:
-        if isinstance(exc, UpstreamConnectError):
-            lease.replica.healthy = False  # until its next good probe
-            log.warning("replica %s unreachable; marked down: %s", lease.replica.url, exc)
-        # A refused request (4xx) says the server works; errors and timeouts count.
-        lease.release(not isinstance(exc, UpstreamError))
+    @staticmethod
+    def _mark_down(replica: Replica, exc: DomainError) -> None:
+        """A replica that refused a connection is out until its next good probe."""
+        replica.healthy = False
+        log.warning("replica %s unreachable; marked down: %s", replica.url, exc)
 
     def _has_other(self, tenant: TenantRoute, model: str, lease: Lease) -> bool:
         now = time.monotonic()
@@ -486,9 +484,8 @@ class Dispatcher:
             try:
                 return pool, await ask(replica.upstream)
             except UpstreamConnectError as exc:
-                replica.healthy = False
+                self._mark_down(replica, exc)
                 tried.add(replica.url)
-                log.warning("replica %s unreachable; marked down: %s", replica.url, exc)
                 last = exc
         raise last
 

@@ -78,29 +78,16 @@ def make_http_client(settings: LlmSettings) -> httpx.AsyncClient:
 
 
 class Upstream:
-    """An OpenAI-compatible server at ``base_url`` (ending in ``/v1``), over a shared
-    client (``owns_client``: close it with this one)."""
+    """An OpenAI-compatible server at ``base_url`` (ending in ``/v1``), over a client
+    shared with the other servers (its owner closes it)."""
 
     def __init__(self, base_url: str, client: httpx.AsyncClient, *, api_key: str | None = None,
-                 context_window: int | None = None, owns_client: bool = False) -> None:
+                 context_window: int | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.root_url = self.base_url.removesuffix("/v1")
         self._client = client
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._context_window = context_window or None
-        self._owns_client = owns_client
-
-    @classmethod
-    def standalone(cls, base_url: str, settings: LlmSettings) -> Upstream:
-        """One server with a client of its own (tools and tests)."""
-        key = settings.api_key.get_secret_value() if settings.api_key else None
-        return cls(base_url, make_http_client(settings), api_key=key,
-                   context_window=settings.context_window, owns_client=True)
-
-    async def close(self) -> None:
-        """Close the client if this upstream owns it."""
-        if self._owns_client:
-            await self._client.aclose()
 
     async def context_window(self, model: str) -> int:
         """The model's context window in tokens (from settings, else the server's

@@ -28,15 +28,6 @@ class UsageService:
             inserted = (await session.execute(stmt)).first()
         return inserted is not None
 
-    async def exists(self, tenant_id: uuid.UUID, request_id: str) -> bool:
-        """True if a request with this id was already metered."""
-        async with self.db.tenant(tenant_id) as session:
-            found = await session.execute(
-                select(UsageEvent.__table__.c.id).where(  # type: ignore[attr-defined]
-                    UsageEvent.__table__.c.tenant_id == tenant_id,  # type: ignore[attr-defined]
-                    UsageEvent.__table__.c.request_id == request_id))  # type: ignore[attr-defined]
-            return found.first() is not None
-
     async def tokens_in_period(self, tenant_id: uuid.UUID, period: str) -> int:
         """Tokens metered for the tenant in a budget period (``YYYY-MM``, UTC)."""
         start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)

@@ -27,6 +27,7 @@ from app.settings import DispatchSettings, Settings
 from tests.fake_openai import FakeConfig, FakeServer, free_port, prompt_tokens
 from tests.support import (
     bearer,
+    concurrent_client,
     create_key,
     create_tenant,
     install_dispatcher,
@@ -70,8 +71,7 @@ async def base_url(app: Litestar, client: Client) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def http(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as c:
+    async with concurrent_client(base_url) as c:
         yield c
 
 

@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from app.inference.replica import Replica
+from app.inference.replica import CircuitBreaker, Replica
 from app.inference.upstream import Upstream
 from tests.fake_openai import FakeConfig, FakeServer
-from tests.unit.test_dispatch_parts import replica as make_replica
 
 MODEL = "smollm2"
 MESSAGES = [{"role": "user", "content": "Say hi"}]
@@ -141,7 +140,8 @@ async def test_this_app_reads_both_servers_metrics_and_context_window(
             upstream = Upstream(url, client)
             healthy, metrics = await upstream.probe(10)
             assert healthy and metrics is not None
-            replica: Replica = make_replica(url.removesuffix("/v1"), cap=4)
+            replica = Replica(pool="p", url=url, upstream=upstream, cap=4,
+                              breaker=CircuitBreaker(threshold=3, cooldown_s=15))
             replica.read_metrics(metrics)
             assert replica.waiting == 0.0 and 0.0 <= replica.kv_cache_usage <= 1.0
             assert "vllm:num_requests_waiting{" in metrics

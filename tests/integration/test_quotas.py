@@ -28,6 +28,7 @@ from tests.support import (
     PLATFORM_KEY,
     TEST_PEPPER,
     bearer,
+    concurrent_client,
     create_key,
     create_tenant,
     install_dispatcher,
@@ -70,8 +71,7 @@ async def base_url(app: Litestar, client: Client, routed: None) -> AsyncIterator
 
 @pytest.fixture
 async def http(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as c:
+    async with concurrent_client(base_url) as c:
         yield c
 
 
