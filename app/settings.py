@@ -168,6 +168,8 @@ class DispatchSettings(BaseSettings):
 
     pools_file: Path | None = None  # TOML, YAML or JSON; else DISPATCH_POOLS, else LLM_BASE_URL
     pools: str | None = None  # the same document as JSON, for environment-only setups
+    # The price table alone as JSON, when the pools document has none (docs/quotas.md).
+    prices: str | None = None
     max_in_flight: int = Field(default=32, ge=1)  # per replica of the LLM_BASE_URL pool
     queue_timeout_s: float = Field(default=30.0, gt=0)
     max_queued_per_tenant: int = Field(default=500, ge=1)
@@ -211,6 +213,17 @@ class QuotaSettings(BaseSettings):
     lease_ttl_s: float = Field(default=120.0, ge=5)
 
 
+class MetricsSettings(BaseSettings):
+    """Prometheus ``/metrics``."""
+
+    model_config = SettingsConfigDict(env_prefix="METRICS_", extra="ignore")
+
+    # Bearer token Prometheus scrapes with; the operator's key works too.
+    token: SecretStr | None = None
+    # Tenants beyond this many (per process) share the label "other".
+    max_tenant_labels: int = Field(default=100, ge=0, le=10_000)
+
+
 class ChatSettings(BaseSettings):
     """Retrieval-augmented chat."""
 
@@ -244,6 +257,7 @@ class Settings(BaseSettings):
     chat: ChatSettings = Field(default_factory=ChatSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

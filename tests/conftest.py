@@ -28,6 +28,7 @@ from app.embeddings import Models, load_models
 from app.settings import (
     AuthSettings,
     DatabaseSettings,
+    DispatchSettings,
     IngestSettings,
     QdrantSettings,
     RedisSettings,
@@ -36,7 +37,7 @@ from app.settings import (
     WorkerSettings,
     as_asyncpg_url,
 )
-from tests.support import PLATFORM_KEY, TEST_PEPPER, plain_dsn, with_database
+from tests.support import EMBEDDING_PRICES, PLATFORM_KEY, TEST_PEPPER, plain_dsn, with_database
 from workers.embedded import embedded_workers
 
 pytest_plugins = ["tests.llm_server"]  # the session's vLLM server (started on first use)
@@ -96,6 +97,8 @@ def settings(
         worker=WorkerSettings(embedded=True, threads=2, namespace=f"test-{uuid.uuid4().hex[:8]}"),
         ingest=IngestSettings(relay_interval_s=0.05, sweep_interval_s=1.0,
                               stale_version_grace_s=1.0),
+        # Embedding tokens are priced (the metering tests check the cost of ingestion).
+        dispatch=DispatchSettings(prices=EMBEDDING_PRICES),
         auth=AuthSettings(
             key_pepper=SecretStr(TEST_PEPPER),
             platform_admin_key=SecretStr(PLATFORM_KEY),

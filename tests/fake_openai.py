@@ -55,6 +55,10 @@ class FakeConfig:
     fail_next: int = 0  # ...or only the next N requests
     die_after_tokens: int | None = None  # cut the connection mid-stream
     omit_usage: bool = False  # never report usage (even when asked)
+    # Prompt-cache accounting as vLLM's --enable-prompt-tokens-details reports it: a
+    # prompt's leading whole blocks already seen with the same cache_salt are "cached".
+    prompt_tokens_details: bool = True
+    cache_block_tokens: int = 16
 
 
 @dataclass
@@ -76,6 +80,14 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return words + PER_MESSAGE_TOKENS * len(messages) + GENERATION_PROMPT_TOKENS
 
 
+def prompt_words(messages: list[dict[str, Any]]) -> list[str]:
+    """The prompt as the fake's tokens, in order (role markers included)."""
+    words: list[str] = []
+    for m in messages:
+        words += [f"<{m.get('role')}>", *str(m.get("content") or "").split()]
+    return words
+
+
 class FakeOpenAI:
     """The ASGI app."""
 
@@ -84,6 +96,7 @@ class FakeOpenAI:
         self.stats = FakeStats()
         self._slots: asyncio.Semaphore | None = None
         self._slots_size = 0
+        self._cached_blocks: set[tuple[str, int, int]] = set()  # (salt, length, hash)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -174,7 +187,9 @@ class FakeOpenAI:
         finish = "length" if n == max_tokens else "stop"
         request_id = f"chatcmpl-{uuid.uuid4().hex[:16]}"
         created = int(time.time())
-        usage = {"prompt_tokens": prompt, "total_tokens": prompt + n, "completion_tokens": n}
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt + n,
+                                 "completion_tokens": n}
+        details = self._cache_details(body) if cfg.prompt_tokens_details else None
         async with self._slot():
             if cfg.ttft_s:
                 await asyncio.sleep(cfg.ttft_s)
@@ -192,7 +207,8 @@ class FakeOpenAI:
                         "stop_reason": None, "token_ids": None, "routed_experts": None}],
                     "service_tier": None, "system_fingerprint": FINGERPRINT,
                     "usage": None if cfg.omit_usage else {
-                        **usage, "prompt_tokens_details": None,
+                        **usage, "prompt_tokens_details": details and {
+                            **details, "multimodal_tokens": None},
                         "completion_tokens_details": None},
                     "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
                     "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
@@ -201,10 +217,26 @@ class FakeOpenAI:
                 if not cfg.omit_usage:
                     stats.tokens_reported += usage["total_tokens"]
                 return
+            if details is not None:
+                usage["prompt_tokens_details"] = details
             await self._stream(body, send, request_id, created, n, finish, usage)
 
+    def _cache_details(self, body: dict[str, Any]) -> dict[str, int]:
+        """Cached and newly cached prompt tokens, by whole blocks per cache_salt."""
+        salt, block = str(body.get("cache_salt") or ""), self.config.cache_block_tokens
+        words = prompt_words(body.get("messages") or [])
+        keys = [(salt, end, hash(tuple(words[:end])))
+                for end in range(block, len(words) + 1, block)]
+        cached = 0
+        for key in keys:
+            if key not in self._cached_blocks:
+                break
+            cached = key[1]
+        self._cached_blocks.update(keys)
+        return {"cached_tokens": cached, "created_cache_tokens": len(keys) * block - cached}
+
     async def _stream(self, body: dict[str, Any], send: Send, request_id: str, created: int,
-                      n: int, finish: str, usage: dict[str, int]) -> None:
+                      n: int, finish: str, usage: dict[str, Any]) -> None:
         cfg = self.config
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                 "model": cfg.model}

@@ -23,6 +23,9 @@ from app.settings import DispatchSettings, Settings, as_asyncpg_url
 
 PLATFORM_KEY = "test-platform-admin-key-0123456789abcdef"
 TEST_PEPPER = "test-pepper-0123456789abcdef0123456789"
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDING_PRICE_PER_MTOK = "0.02"
+EMBEDDING_PRICES = f'{{"{EMBEDDING_MODEL}": {{"prompt_per_mtok": {EMBEDDING_PRICE_PER_MTOK}}}}}'
 
 
 def with_database(url: str, name: str) -> str:

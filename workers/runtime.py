@@ -25,6 +25,7 @@ from app.db.engine import Database, make_engine
 from app.domain.knowledge.pipeline import IngestPipeline
 from app.domain.knowledge.sweeper import StuckDocumentSweeper
 from app.embeddings import Models, check_vector_size, load_models
+from app.inference.pools import configured_prices
 from app.outbox import DELETE_STALE_VERSIONS, INGEST_DOCUMENT
 from app.settings import Settings
 from app.stores import vector_store_config
@@ -115,7 +116,8 @@ class WorkerRuntime:
                                    max_wait_s=s.ingest.coalesce_wait_s,
                                    eager_batch=s.ingest.coalesce_eager_texts)
         self._stack.callback(batcher.close)
-        self.pipeline = IngestPipeline(self.db, self.store, models, s.ingest, batcher)
+        self.pipeline = IngestPipeline(self.db, self.store, models, s.ingest, batcher,
+                                       configured_prices(s))
         self._relay = OutboxRelay(self.db, self.broker, {
             INGEST_DOCUMENT: {"time_limit": s.ingest.message_time_limit_s * 1000},
             DELETE_STALE_VERSIONS: {"delay": int(s.ingest.stale_version_grace_s * 1000)},

@@ -46,8 +46,10 @@ from app.embeddings import Models, check_vector_size, load_models
 from app.errors import ServiceUnavailableError
 from app.inference.controllers import list_pools
 from app.inference.dispatcher import Dispatcher
-from app.inference.pools import load_pools
+from app.inference.pools import configured_pools
 from app.quotas.limiter import RateLimiter
+from app.quotas.metrics import DispatchCollector, ServiceMetrics
+from app.quotas.metrics_route import prometheus_metrics
 from app.quotas.reports import admin_usage, tenant_usage
 from app.quotas.usage import UsageService
 from app.settings import Settings
@@ -90,9 +92,13 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
                 await dispatcher.start()
                 stack.push_async_callback(dispatcher.close)
             admin_key = settings.auth.platform_admin_key
+            metrics = ServiceMetrics(settings.metrics.max_tenant_labels,
+                                     lambda: app.state.dispatcher.models
+                                     if app.state.dispatcher else ())
+            metrics.registry.register(DispatchCollector(lambda: app.state.dispatcher))
             app.state.update(
                 db=db, redis=redis, vector_store=vector_store, models=loaded,
-                dispatcher=dispatcher,
+                dispatcher=dispatcher, metrics=metrics,
                 limiter=RateLimiter(redis, namespace=f"{settings.worker.namespace}:q",
                                     lease_ttl_s=settings.quota.lease_ttl_s,
                                     fail_open=settings.quota.fail_open),
@@ -160,12 +166,10 @@ def cache_salt_key(settings: Settings) -> bytes:
 
 def make_dispatcher(settings: Settings) -> Dispatcher | None:
     """The dispatcher over the configured pools, or None when none is configured."""
-    d = settings.dispatch
-    pools = load_pools(d.pools_file, d.pools, settings.llm.base_url, settings.llm.models,
-                       d.max_in_flight)
+    pools = configured_pools(settings)
     if pools is None:
         return None
-    return Dispatcher(pools, d, settings.llm, cache_salt_key(settings))
+    return Dispatcher(pools, settings.dispatch, settings.llm, cache_salt_key(settings))
 
 
 def provide_dispatcher(state: State) -> Dispatcher:
@@ -182,7 +186,7 @@ def provide_chat(state: State) -> ChatService:
     settings: Settings = state.settings
     return ChatService(provide_search(state), ConversationService(state.db),
                        provide_dispatcher(state), settings.llm, settings.chat,
-                       UsageService(state.db), state.limiter)
+                       UsageService(state.db), state.limiter, state.metrics)
 
 
 def create_app(
@@ -205,7 +209,7 @@ def create_app(
                         PlatformKeysController, TenantKeysController, KnowledgeBaseController,
                         retrieve, chat_completions, ConversationController,
                         get_system_prompt, put_system_prompt, list_system_prompt_versions,
-                        list_pools, tenant_usage, admin_usage],
+                        list_pools, tenant_usage, admin_usage, prometheus_metrics],
         dependencies={
             "tenants": Provide(provide_tenants, sync_to_thread=False),
             "keys": Provide(provide_keys, sync_to_thread=False),

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import httpx
@@ -50,6 +51,7 @@ from app.inference.fairqueue import DeficitRoundRobin, Entry
 from app.inference.pools import PoolConfig, PoolKind, PoolsConfig
 from app.inference.replica import CircuitBreaker, Replica, choose
 from app.inference.upstream import StreamEvent, Upstream, UpstreamStream, make_http_client
+from app.quotas.costs import request_cost, token_cost
 from app.settings import DispatchSettings, LlmSettings
 
 log = logging.getLogger(__name__)
@@ -120,12 +122,14 @@ class Lease:
     """A slot on one replica, held for one upstream request; release it exactly once."""
 
     def __init__(self, dispatcher: Dispatcher, pool: Pool, replica: Replica,
-                 tenant_key: bytes) -> None:
+                 tenant_key: bytes, share_start: float) -> None:
         self._dispatcher = dispatcher
         self.pool = pool
         self.replica = replica
         self.tenant_key = tenant_key
         self.started = time.monotonic()
+        self.share_start = share_start
+        self.share_end: float | None = None
         self.released = False
 
     def release(self, ok: bool | None) -> None:
@@ -136,6 +140,17 @@ class Lease:
         self.released = True
         self._dispatcher._release(self, ok)
 
+    def gpu_seconds(self) -> float | None:
+        """GPU time attributed to this request: its share of the replica (the time it
+        ran there divided among the requests running with it) times the replica's GPUs;
+        up to now while it still runs. None for pools without GPUs of ours."""
+        gpus = self.pool.config.gpus_per_replica
+        if not gpus:
+            return None
+        end = self.share_end if self.share_end is not None \
+            else self.replica.share_now(time.monotonic())
+        return (end - self.share_start) * gpus
+
 
 @dataclass
 class Dispatched:
@@ -144,6 +159,17 @@ class Dispatched:
     pool: str
     replica: str
     attempts: int
+    lease: Lease | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, lease: Lease, attempts: int) -> Dispatched:
+        """Where ``lease`` runs."""
+        return cls(lease.pool.name, lease.replica.url, attempts, lease)
+
+    @property
+    def gpu_seconds(self) -> float | None:
+        """The request's GPU time on its replica (see :meth:`Lease.gpu_seconds`)."""
+        return self.lease.gpu_seconds() if self.lease is not None else None
 
 
 class DispatchedStream:
@@ -152,7 +178,7 @@ class DispatchedStream:
     def __init__(self, stream: UpstreamStream, lease: Lease, attempts: int) -> None:
         self._stream = stream
         self._lease = lease
-        self.where = Dispatched(lease.pool.name, lease.replica.url, attempts)
+        self.where = Dispatched.of(lease, attempts)
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         """The upstream's events; the slot is released when they end (a failure
@@ -199,6 +225,7 @@ class Dispatcher:
                 for url in cfg.endpoints]
             self.pools.append(Pool(cfg, replicas, DeficitRoundRobin(settings.quantum_tokens)))
         self.models = pools.models()
+        self.prices = pools.prices
         self._windows: dict[tuple[str, str], int] = {}
         self._health_task: asyncio.Task[None] | None = None
 
@@ -333,14 +360,15 @@ class Dispatcher:
             waiter.future.cancel()
 
     def _grant(self, pool: Pool, replica: Replica, tenant_key: bytes) -> Lease:
-        replica.in_flight += 1
+        now = time.monotonic()
+        share_start = replica.start_request(now)
         pool.held[tenant_key] = pool.held.get(tenant_key, 0) + 1
-        replica.breaker.on_dispatch(time.monotonic())
-        return Lease(self, pool, replica, tenant_key)
+        replica.breaker.on_dispatch(now)
+        return Lease(self, pool, replica, tenant_key, share_start)
 
     def _release(self, lease: Lease, ok: bool | None) -> None:
         replica, pool = lease.replica, lease.pool
-        replica.in_flight -= 1
+        lease.share_end = replica.end_request(time.monotonic())
         held = pool.held.get(lease.tenant_key, 1) - 1
         if held:
             pool.held[lease.tenant_key] = held
@@ -416,7 +444,7 @@ class Dispatcher:
         response, lease, attempt = await self._send(
             tenant, model, body, cost, disconnected, Upstream.complete)
         lease.release(True)
-        return response, Dispatched(lease.pool.name, lease.replica.url, attempt)
+        return response, Dispatched.of(lease, attempt)
 
     async def open_stream(self, tenant: TenantRoute, model: str, body: dict[str, Any],
                           cost: float, disconnected: Disconnected | None = None,
@@ -514,6 +542,18 @@ class Dispatcher:
         """Tokens of a completion's text, when a server reported no usage."""
         return (await self._ask_any(
             tenant, model, lambda u: u.count_text_tokens(model, text)))[1]
+
+    def cost(self, where: Dispatched | None, model: str, *, prompt: int, completion: int,
+             cached: int = 0) -> Decimal:
+        """What the request costs under its pool's rule (token prices when it never
+        reached a pool)."""
+        pool = next((p.config for p in self.pools if where and p.name == where.pool), None)
+        price = self.prices.get(model)
+        if pool is None:
+            return token_cost(price, prompt, completion, cached)
+        return request_cost(pool.cost_rule, price, pool.gpu_hour_usd, prompt=prompt,
+                            completion=completion, cached=cached,
+                            gpu_seconds=where.gpu_seconds if where else None)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Pools and replicas as the operator sees them (health, load, queue)."""

@@ -30,6 +30,8 @@ from pydantic import (
 )
 
 from app.db.models import Tier
+from app.quotas.costs import CostRule, ModelPrice, Price
+from app.settings import Settings
 
 PoolName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Endpoint = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/[^\s]*)?/v1/?$")]
@@ -59,6 +61,11 @@ class PoolConfig(BaseModel):
     region: Region | None = None
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$",
                                     description="environment variable holding the servers' key")
+    # Metering: GPUs behind each replica (0 = not our GPUs, e.g. a hosted API: no
+    # GPU-seconds), how a request is charged, and the GPU-hour price for gpu_time/max.
+    gpus_per_replica: float = Field(default=1.0, ge=0, le=1024)
+    cost_rule: CostRule = CostRule.tokens
+    gpu_hour_usd: Price | None = None
 
     @model_validator(mode="after")
     def _kind_matches_members(self) -> PoolConfig:
@@ -70,6 +77,12 @@ class PoolConfig(BaseModel):
             raise ValueError(f"dedicated pool {self.name!r} lists tiers; it serves its tenants")
         if len(set(self.endpoints)) != len(self.endpoints):
             raise ValueError(f"pool {self.name!r} lists an endpoint twice")
+        if self.cost_rule is not CostRule.tokens and self.gpu_hour_usd is None:
+            raise ValueError(f"pool {self.name!r} charges by {self.cost_rule.value} but sets "
+                             "no gpu_hour_usd")
+        if self.cost_rule is not CostRule.tokens and self.gpus_per_replica == 0:
+            raise ValueError(f"pool {self.name!r} charges by GPU time but has no GPUs "
+                             "(gpus_per_replica = 0)")
         return self
 
     def api_key(self) -> str | None:
@@ -93,12 +106,19 @@ class PoolsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     pools: Annotated[list[PoolConfig], Field(min_length=1)]
+    # USD per million tokens per model; generation and embedding models alike.
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> PoolsConfig:
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError("pool names must be unique")
+        for pool in self.pools:  # with a price table, a token-charging pool prices all
+            unpriced = [m for m in pool.models if m not in self.prices]
+            if self.prices and pool.cost_rule is not CostRule.gpu_time and unpriced:
+                raise ValueError(f"pool {pool.name!r} charges by tokens but the price table "
+                                 f"has no price for {', '.join(unpriced)}")
         owners: dict[str, str] = {}
         for pool in self.pools:
             for tenant in pool.tenants:
@@ -107,6 +127,10 @@ class PoolsConfig(BaseModel):
                                      f"{owners[tenant]!r} and {pool.name!r}")
                 owners[tenant] = pool.name
         return self
+
+    def pool(self, name: str) -> PoolConfig | None:
+        """The pool of that name."""
+        return next((p for p in self.pools if p.name == name), None)
 
     def models(self) -> list[str]:
         """Every model some pool serves, in the order first listed."""
@@ -139,10 +163,41 @@ def parse_pools(text: str, fmt: str) -> PoolsConfig:
         raise PoolsConfigError(f"invalid pools configuration: {exc}") from exc
 
 
+def parse_prices(text: str | None) -> dict[str, ModelPrice]:
+    """The price table given alone as JSON (``DISPATCH_PRICES``, for setups without a
+    pools file): ``{"model": {"prompt_per_mtok": ..., ...}}``."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise PoolsConfigError("DISPATCH_PRICES must be a JSON object of model prices")
+        return {str(k): ModelPrice.model_validate(v) for k, v in data.items()}
+    except json.JSONDecodeError as exc:
+        raise PoolsConfigError(f"DISPATCH_PRICES is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        raise PoolsConfigError(f"invalid DISPATCH_PRICES: {exc}") from exc
+
+
 def load_pools(path: Path | None, inline: str | None, base_url: str | None,
-               models: list[str], max_in_flight: int) -> PoolsConfig | None:
+               models: list[str], max_in_flight: int,
+               prices: str | None = None) -> PoolsConfig | None:
     """The configured pools: the file, else the inline JSON, else one shared pool at
-    ``base_url``; None when there is nothing to route to."""
+    ``base_url``; None when there is nothing to route to. ``prices``
+    (``DISPATCH_PRICES``) adds a price table to a document that has none."""
+    config = _load_pools(path, inline, base_url, models, max_in_flight)
+    table = parse_prices(prices)
+    if config is None or not table or config.prices:
+        return config
+    try:
+        return PoolsConfig.model_validate({**config.model_dump(), "prices": table})
+    except ValidationError as exc:
+        raise PoolsConfigError(f"invalid pools configuration with DISPATCH_PRICES: {exc}") \
+            from exc
+
+
+def _load_pools(path: Path | None, inline: str | None, base_url: str | None,
+                models: list[str], max_in_flight: int) -> PoolsConfig | None:
     if path is not None:
         try:
             text = path.read_text(encoding="utf-8")
@@ -155,3 +210,16 @@ def load_pools(path: Path | None, inline: str | None, base_url: str | None,
         return PoolsConfig(pools=[PoolConfig(
             name="default", models=models, endpoints=[base_url], max_in_flight=max_in_flight)])
     return None
+
+
+def configured_pools(settings: Settings) -> PoolsConfig | None:
+    """The pools (and price table) these settings configure."""
+    d = settings.dispatch
+    return load_pools(d.pools_file, d.pools, settings.llm.base_url, settings.llm.models,
+                      d.max_in_flight, d.prices)
+
+
+def configured_prices(settings: Settings) -> dict[str, ModelPrice]:
+    """The price table: the pools document's, else ``DISPATCH_PRICES``."""
+    pools = configured_pools(settings)
+    return dict(pools.prices) if pools is not None else parse_prices(settings.dispatch.prices)

@@ -74,10 +74,33 @@ class Replica:
     healthy: bool = True  # optimistic until the first probe says otherwise
     waiting: float = 0.0  # requests queued inside vLLM (its /metrics)
     kv_cache_usage: float = 0.0  # 0..1 (its /metrics)
+    # Processor-sharing clock: seconds of replica time per request in flight, summed
+    # (it advances by dt / n while n requests run). A request's share of the replica
+    # is the clock's advance between its start and its end.
+    share_clock: float = 0.0
+    _clock_at: float = field(default_factory=time.monotonic)
     key: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         self.key = self.url.encode()
+
+    def share_now(self, now: float) -> float:
+        """The processor-sharing clock at ``now``."""
+        if self.in_flight <= 0:
+            return self.share_clock
+        return self.share_clock + (now - self._clock_at) / self.in_flight
+
+    def start_request(self, now: float) -> float:
+        """One more request runs here; returns the clock at its start."""
+        self.share_clock, self._clock_at = self.share_now(now), now
+        self.in_flight += 1
+        return self.share_clock
+
+    def end_request(self, now: float) -> float:
+        """A request ended here; returns the clock at its end."""
+        self.share_clock, self._clock_at = self.share_now(now), now
+        self.in_flight -= 1
+        return self.share_clock
 
     def usable(self, now: float) -> bool:
         """Healthy and not cut off by its breaker."""

@@ -230,6 +230,7 @@ class LocalVLLM(_EmbeddedServer):
             *("--served-model-name", self.served_model_name, "--dtype", "bfloat16"),
             *("--max-model-len", str(self.max_model_len)),
             *("--max-num-seqs", str(self.max_num_seqs), "--enforce-eager"),
+            "--enable-prompt-tokens-details",  # cached prompt tokens, for metering
             *("--host", self.host, "--port", str(port)),
         ]
 

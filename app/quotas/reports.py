@@ -8,6 +8,7 @@ import enum
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any
 
 from litestar import Request, Response, get
@@ -35,6 +36,14 @@ class GroupBy(enum.StrEnum):
     tenant = "tenant"  # operator only
 
 
+class Kind(enum.StrEnum):
+    """Which events a report counts."""
+
+    all = "all"
+    chat = "chat"
+    embedding = "embedding"  # ingestion: one event per document version embedded
+
+
 class UsageRow(BaseModel):
     """Totals of one group."""
 
@@ -43,7 +52,10 @@ class UsageRow(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int
     errors: int
+    cost_usd: Decimal
+    gpu_seconds: float
 
 
 class UsageReport(BaseModel):
@@ -52,6 +64,7 @@ class UsageReport(BaseModel):
     start: datetime
     end: datetime
     group_by: GroupBy
+    kind: Kind
     data: list[UsageRow]
 
 
@@ -68,7 +81,7 @@ def _window(start: datetime | None, end: datetime | None) -> tuple[datetime, dat
 
 
 async def usage_report(db: Database, tenant_id: uuid.UUID | None, start: datetime,
-                       end: datetime, group_by: GroupBy) -> UsageReport:
+                       end: datetime, group_by: GroupBy, kind: Kind = Kind.all) -> UsageReport:
     """Totals per group; ``tenant_id`` None = every tenant (operator scope)."""
     t = UsageEvent.__table__.c  # type: ignore[attr-defined]
     if group_by is GroupBy.day:
@@ -84,8 +97,13 @@ async def usage_report(db: Database, tenant_id: uuid.UUID | None, start: datetim
         key.label("key"), func.count().label("requests"),
         func.coalesce(func.sum(t.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(t.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(t.cached_tokens), 0).label("cached_tokens"),
         func.count().filter(t.status != "ok").label("errors"),
+        func.coalesce(func.sum(t.cost_usd), 0).label("cost_usd"),
+        func.coalesce(func.sum(t.gpu_seconds), 0.0).label("gpu_seconds"),
     ).where(t.created_at >= start, t.created_at < end).group_by(key).order_by(key)
+    if kind is not Kind.all:
+        stmt = stmt.where(t.kind == kind.value)
     if group_by is GroupBy.tenant:
         stmt = stmt.join(Tenant.__table__, Tenant.__table__.c.id == t.tenant_id)  # type: ignore[attr-defined]
     if tenant_id is not None:
@@ -95,10 +113,12 @@ async def usage_report(db: Database, tenant_id: uuid.UUID | None, start: datetim
         scope = db.platform()
     async with scope as session:
         rows = (await session.execute(stmt)).all()
-    return UsageReport(start=start, end=end, group_by=group_by, data=[
+    return UsageReport(start=start, end=end, group_by=group_by, kind=kind, data=[
         UsageRow(key=str(r.key), requests=r.requests, prompt_tokens=r.prompt_tokens,
                  completion_tokens=r.completion_tokens,
-                 total_tokens=r.prompt_tokens + r.completion_tokens, errors=r.errors)
+                 total_tokens=r.prompt_tokens + r.completion_tokens,
+                 cached_tokens=r.cached_tokens, errors=r.errors, cost_usd=r.cost_usd,
+                 gpu_seconds=float(r.gpu_seconds))
         for r in rows])
 
 
@@ -107,11 +127,11 @@ def _respond(report: UsageReport, fmt: str) -> Response[Any]:
         return Response(report)
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([report.group_by.value, "requests", "prompt_tokens", "completion_tokens",
-                     "total_tokens", "errors"])
+    columns = ["requests", "prompt_tokens", "completion_tokens", "total_tokens",
+               "cached_tokens", "errors", "cost_usd", "gpu_seconds"]
+    writer.writerow([report.group_by.value, *columns])
     for r in report.data:
-        writer.writerow([r.key, r.requests, r.prompt_tokens, r.completion_tokens,
-                         r.total_tokens, r.errors])
+        writer.writerow([r.key, *(getattr(r, c) for c in columns)])
     return Response(out.getvalue(), media_type="text/csv", headers={
         "Content-Disposition": f'attachment; filename="usage-{report.group_by.value}.csv"'})
 
@@ -126,20 +146,24 @@ Format = FromQuery[Annotated[str, QueryParameter(pattern="^(json|csv)$")]]
 @get("/v1/usage", guards=[requires_scope(Scope.admin)], tags=["usage"],
      summary="The tenant's usage per day, model or end user (JSON or CSV)")
 async def tenant_usage(request: AnyRequest, state: State, start: From = None, end: To = None,
-                       group_by: FromQuery[GroupBy] = GroupBy.day, format: Format = "json",
+                       group_by: FromQuery[GroupBy] = GroupBy.day,
+                       kind: FromQuery[Kind] = Kind.all, format: Format = "json",
                        ) -> Response[Any]:
-    """Requests and tokens over ``[from, to)`` (default: the last 30 days)."""
+    """Requests, tokens, cost and GPU time over ``[from, to)`` (default: the last 30
+    days); ``kind`` picks chat or embedding (ingestion) events."""
     if group_by is GroupBy.tenant:
         raise BadRequestError("group_by=tenant is for the operator's /admin/usage")
     s, e = _window(start, end)
-    return _respond(await usage_report(state.db, tenant_of(request), s, e, group_by), format)
+    return _respond(await usage_report(state.db, tenant_of(request), s, e, group_by, kind),
+                    format)
 
 
 @get("/admin/usage", guards=[platform_only], tags=["platform admin"],
      summary="Usage across tenants per tenant, day, model or end user (JSON or CSV)")
 async def admin_usage(state: State, start: From = None, end: To = None,
-                      group_by: FromQuery[GroupBy] = GroupBy.tenant, format: Format = "json",
+                      group_by: FromQuery[GroupBy] = GroupBy.tenant,
+                      kind: FromQuery[Kind] = Kind.all, format: Format = "json",
                       ) -> Response[Any]:
-    """Every tenant's requests and tokens over ``[from, to)``."""
+    """Every tenant's requests, tokens, cost and GPU time over ``[from, to)``."""
     s, e = _window(start, end)
-    return _respond(await usage_report(state.db, None, s, e, group_by), format)
+    return _respond(await usage_report(state.db, None, s, e, group_by, kind), format)

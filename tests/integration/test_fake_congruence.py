@@ -6,6 +6,7 @@ can read. If vLLM changes its format, this test fails and the fake must follow."
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,6 +116,45 @@ def test_streams_have_vllms_structure_with_and_without_usage(both: dict[str, str
             out[name] = {"with_usage": with_usage, "without": without}
     assert out["fake"]["with_usage"]["first_delta"] == {"role": "assistant", "content": ""}
     assert out["fake"] == out["vllm"]
+
+
+def cached_usage(client: httpx.Client, url: str, messages: list[dict[str, str]],
+                 cache_salt: str, stream: bool = False) -> dict[str, Any]:
+    """The usage a server reports for ``messages`` under ``cache_salt``."""
+    body: dict[str, Any] = {"model": MODEL, "messages": messages, "max_tokens": 2,
+                            "cache_salt": cache_salt}
+    if not stream:
+        result: dict[str, Any] = client.post(f"{url}/chat/completions",
+                                             json=body).json()["usage"]
+        return result
+    events = stream_events(client, url, {
+        **body, "stream": True, "stream_options": {"include_usage": True}})
+    return next(e["usage"] for e in events[:-1] if not e["choices"])
+
+
+def test_cached_prompt_tokens_are_reported_per_cache_salt_like_vllm(
+    both: dict[str, str],
+) -> None:
+    """A long prompt sent again with the same cache_salt is partly served from the
+    prefix cache (``prompt_tokens_details.cached_tokens``); with another tenant's salt
+    nothing is: the salt isolates tenants' caches, on the fake as on vLLM."""
+    system = "You answer questions about the handbook. " + " ".join(
+        f"rule{i} applies" for i in range(300))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+    seen: dict[str, dict[str, Any]] = {}
+    with httpx.Client(timeout=120) as client:
+        for name, url in both.items():
+            salt = f"tenant-a-{name}-{uuid.uuid4().hex}"
+            first = cached_usage(client, url, messages, salt)
+            again = cached_usage(client, url, messages, salt)
+            streamed = cached_usage(client, url, messages, salt, stream=True)
+            other = cached_usage(client, url, messages, f"tenant-b-{uuid.uuid4().hex}")
+            assert first["prompt_tokens_details"]["cached_tokens"] == 0
+            assert 0 < again["prompt_tokens_details"]["cached_tokens"] < again["prompt_tokens"]
+            assert streamed["prompt_tokens_details"]["cached_tokens"] > 0
+            assert other["prompt_tokens_details"]["cached_tokens"] == 0
+            seen[name] = {"whole": shape(again), "streamed": shape(streamed)}
+    assert seen["fake"] == seen["vllm"]
 
 
 def test_errors_have_vllms_status_and_body(both: dict[str, str]) -> None:

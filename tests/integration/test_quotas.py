@@ -320,7 +320,8 @@ async def test_usage_reports_per_day_model_and_user_as_json_and_csv(
     as_csv = await http.get("/v1/usage?group_by=user&format=csv", headers=admin)
     assert as_csv.headers["content-type"].startswith("text/csv")
     lines = as_csv.text.strip().splitlines()
-    assert lines[0] == "user,requests,prompt_tokens,completion_tokens,total_tokens,errors"
+    assert lines[0] == ("user,requests,prompt_tokens,completion_tokens,total_tokens,"
+                        "cached_tokens,errors,cost_usd,gpu_seconds")
     assert lines[1].startswith("ann,2,") and len(lines) == 3
     # A window with nothing in it; bad windows; scopes.
     empty = await http.get("/v1/usage?from=2020-01-01T00:00:00Z&to=2020-02-01T00:00:00Z",

@@ -32,8 +32,12 @@ from app.errors import (
     BadRequestError,
     ContextLengthError,
     DomainError,
+    NoCapacityError,
     NotFoundError,
     PermissionDeniedError,
+    QueueTimeoutError,
+    RateLimitedError,
+    ServiceUnavailableError,
 )
 from app.inference.dispatcher import (
     Disconnected,
@@ -43,7 +47,8 @@ from app.inference.dispatcher import (
     TenantRoute,
 )
 from app.quotas.limiter import Limits, RateLimiter, Ticket
-from app.quotas.usage import UsageService
+from app.quotas.metrics import ServiceMetrics
+from app.quotas.usage import CHAT, UsageService
 from app.settings import ChatSettings, LlmSettings
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     counted: bool = False  # True when the server reported none and we counted
+    cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
 
     def as_dict(self) -> dict[str, int]:
         """OpenAI's usage object."""
@@ -113,7 +119,8 @@ class ChatService:
 
     def __init__(self, search: SearchService, conversations: ConversationService,
                  dispatcher: Dispatcher, llm: LlmSettings, chat: ChatSettings,
-                 usage: UsageService, limiter: RateLimiter | None) -> None:
+                 usage: UsageService, limiter: RateLimiter | None,
+                 metrics: ServiceMetrics | None = None) -> None:
         self.search = search
         self.conversations = conversations
         self.dispatcher = dispatcher
@@ -121,6 +128,7 @@ class ChatService:
         self.chat = chat
         self.usage = usage
         self.limiter = limiter
+        self.metrics = metrics
 
     async def prepare(self, tenant: Tenant, req: ChatCompletionRequest,
                       request_id: str | None = None) -> Prepared:
@@ -181,9 +189,14 @@ class ChatService:
             user_concurrency=tenant.user_max_concurrency,
             budget=effective_limit(tenant, "monthly_token_budget"))
         if self.limiter is not None and limits != Limits():
-            p.ticket = await self.limiter.admit(
-                tenant.id, p.end_user, limits, p.cost,
-                lambda period: self.usage.tokens_in_period(tenant.id, period))
+            try:
+                p.ticket = await self.limiter.admit(
+                    tenant.id, p.end_user, limits, p.cost,
+                    lambda period: self.usage.tokens_in_period(tenant.id, period))
+            except (RateLimitedError, ServiceUnavailableError) as exc:
+                if self.metrics is not None:
+                    self.metrics.rejected(tenant.slug, exc.code)
+                raise
         if p.conversation_id is None and p.store:
             try:
                 p.conversation_id = await self.conversations.start(
@@ -315,14 +328,22 @@ class ChatService:
                 except DomainError as exc:
                     log.warning("could not count the tokens of %s: %s", p.request_id, exc)
             usage = p.usage or Usage(0, 0)
+            gpu_seconds = p.where.gpu_seconds if p.where else None
+            cost = self.dispatcher.cost(p.where, p.model, prompt=usage.prompt_tokens,
+                                        completion=usage.completion_tokens,
+                                        cached=usage.cached_tokens)
+            duration_s = time.perf_counter() - p.started
             event = UsageEvent(
-                tenant_id=tenant.id, request_id=p.metering_id, kind="chat",
+                tenant_id=tenant.id, request_id=p.metering_id, kind=CHAT,
                 end_user=p.end_user, model=p.model,
                 pool=p.where.pool if p.where else None,
                 replica=p.where.replica if p.where else None,
                 prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
                 ttft_ms=p.ttft_s * 1000 if p.ttft_s is not None else None,
-                latency_ms=(time.perf_counter() - p.started) * 1000, status=p.status)
+                latency_ms=duration_s * 1000, status=p.status, cost_usd=cost,
+                gpu_seconds=gpu_seconds)
+            self._observe(tenant, p, usage, duration_s, gpu_seconds, float(cost))
             inserted = True
             try:
                 inserted = await self.usage.record(event)
@@ -334,6 +355,17 @@ class ChatService:
                                           + usage.completion_tokens, count_in_budget=inserted)
         except Exception:
             log.exception("metering of %s failed", p.metering_id)
+
+    def _observe(self, tenant: Tenant, p: Prepared, usage: Usage, duration_s: float,
+                 gpu_seconds: float | None, cost: float) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.observe_chat(
+            tenant.slug, p.model, p.status, prompt=usage.prompt_tokens,
+            completion=usage.completion_tokens, cached=usage.cached_tokens,
+            duration_s=duration_s, ttft_s=p.ttft_s, gpu_seconds=gpu_seconds, cost_usd=cost)
+        if p.status in _DISPATCH_REFUSALS:
+            self.metrics.rejected(tenant.slug, p.status)
 
     def _chunk(self, p: Prepared, delta: dict[str, Any]) -> dict[str, Any]:
         return {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
@@ -434,6 +466,7 @@ def _citation(index: int, chunk: RetrievedChunk, snippet_chars: int) -> Citation
 
 
 _DETACHED: set[asyncio.Task[None]] = set()
+_DISPATCH_REFUSALS = frozenset({QueueTimeoutError.code, NoCapacityError.code})
 
 
 def pending_wrap_ups() -> int:
@@ -457,7 +490,9 @@ def _usage(raw: Any) -> Usage | None:
     prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
-    return Usage(prompt, completion)
+    details = raw.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(prompt, completion, cached_tokens=cached if isinstance(cached, int) else 0)
 
 
 def _sse(payload: dict[str, Any]) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +21,12 @@ from sqlmodel import col, delete, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
-from app.db.models import Document, DocumentContent, DocumentStatus, utcnow
+from app.db.models import Document, DocumentContent, DocumentStatus, UsageEvent, utcnow
 from app.domain.knowledge import unsettled
 from app.embeddings import Models
 from app.outbox import DELETE_STALE_VERSIONS, enqueue
+from app.quotas.costs import ModelPrice, token_cost
+from app.quotas.usage import EMBEDDING, add_event
 from app.settings import IngestSettings
 from ingestion import (
     Chunk,
@@ -71,8 +73,10 @@ class IngestPipeline:
     """Runs one document version end to end; transient failures raise (to be retried)."""
 
     def __init__(self, db: Database, store: VectorStore, models: Models,
-                 settings: IngestSettings, batcher: EmbeddingBatcher | None = None) -> None:
+                 settings: IngestSettings, batcher: EmbeddingBatcher | None = None,
+                 prices: Mapping[str, ModelPrice] | None = None) -> None:
         self.db = db
+        self.prices = prices or {}
         self.store = store
         self.models = models
         # Workers pass a batcher that merges concurrent documents into large model calls.
@@ -125,7 +129,8 @@ class IngestPipeline:
             batch = chunks[start:start + UPSERT_BATCH]
             await self.store.upsert(tenant_id, await asyncio.to_thread(self._points, doc, batch))
             await self._progress(tenant_id, doc, chunks_embedded=start + len(batch))
-        if not await self.publish(tenant_id, document_id, version, len(chunks)):
+        if not await self.publish(tenant_id, document_id, version, len(chunks),
+                                  sum(c.token_count for c in chunks)):
             # Deleted or superseded while we worked: no reader can match these points.
             await self.store.delete(tenant_id, PointFilter(document_id=document_id,
                                                            version=version))
@@ -168,14 +173,18 @@ class IngestPipeline:
             await (await session.connection()).execute(stmt)
 
     async def publish(
-        self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int, chunk_count: int
+        self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int, chunk_count: int,
+        embedding_tokens: int = 0,
     ) -> bool:
         """Make ``version`` the live one atomically and queue the older versions' points
-        for deletion after a grace period; False if this version is no longer wanted."""
+        for deletion after a grace period; False if this version is no longer wanted.
+        The version's embedding tokens are metered in the same transaction, once (its
+        request id is the version's)."""
         async with self.db.tenant(tenant_id) as session:
             doc = await _newest(session, document_id, version)
             if doc is None:
                 return False
+            await add_event(session, self._embedding_event(doc, embedding_tokens))
             first_stale = doc.live_version or 1
             doc.live_version, doc.chunk_count = version, chunk_count
             doc.chunks_embedded = chunk_count
@@ -243,6 +252,16 @@ class IngestPipeline:
                 doc.status, doc.updated_at = DocumentStatus.queued, utcnow()
                 doc.queued_at = doc.updated_at
                 session.add(doc)
+
+    def _embedding_event(self, doc: Document, tokens: int) -> UsageEvent:
+        """The usage event of embedding one document version."""
+        model = self.models.dense.model_name
+        started = doc.processing_started_at or utcnow()
+        return UsageEvent(
+            tenant_id=doc.tenant_id, request_id=f"ingest:{doc.id}:{doc.version}",
+            kind=EMBEDDING, model=model, prompt_tokens=tokens, status="ok",
+            latency_ms=max(0.0, (utcnow() - started).total_seconds() * 1000),
+            cost_usd=token_cost(self.prices.get(model), tokens, 0))
 
     def _chunk(self, data: bytes, fmt: str) -> list[Chunk]:
         parsed = parse_document(data, fmt)  # type: ignore[arg-type]
