@@ -52,6 +52,7 @@ from app.quotas.metrics import DispatchCollector, ServiceMetrics
 from app.quotas.metrics_route import prometheus_metrics
 from app.quotas.reports import admin_usage, tenant_usage
 from app.quotas.usage import UsageService
+from app.quotas.usage_writer import UsageWriter
 from app.settings import Settings
 from app.stores import vector_store_config
 from retrieval.rerank import Reranker
@@ -87,6 +88,9 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             check_vector_size(loaded, settings.qdrant.dense_dim)
             rerank_model = settings.chat.rerank_model
             reranker = await asyncio.to_thread(Reranker, rerank_model) if rerank_model else None
+            usage_writer = UsageWriter(db)
+            usage_writer.start()
+            stack.push_async_callback(usage_writer.close)  # drained before the pool closes
             dispatcher = make_dispatcher(settings)
             if dispatcher is not None:
                 await dispatcher.start()
@@ -98,7 +102,7 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             metrics.registry.register(DispatchCollector(lambda: app.state.dispatcher))
             app.state.update(
                 db=db, redis=redis, vector_store=vector_store, models=loaded,
-                dispatcher=dispatcher, metrics=metrics,
+                dispatcher=dispatcher, metrics=metrics, usage_writer=usage_writer,
                 limiter=RateLimiter(redis, namespace=f"{settings.worker.namespace}:q",
                                     lease_ttl_s=settings.quota.lease_ttl_s,
                                     fail_open=settings.quota.fail_open),
@@ -186,7 +190,8 @@ def provide_chat(state: State) -> ChatService:
     settings: Settings = state.settings
     return ChatService(provide_search(state), ConversationService(state.db),
                        provide_dispatcher(state), settings.llm, settings.chat,
-                       UsageService(state.db), state.limiter, state.metrics)
+                       UsageService(state.db, state.usage_writer), state.limiter,
+                       state.metrics)
 
 
 def create_app(

@@ -52,9 +52,14 @@ class Database:
     async def tenant(self, tenant_id: uuid.UUID) -> AsyncIterator[AsyncSession]:
         """A transaction that sees only ``tenant_id``'s rows; commits on success."""
         async with self._sessions() as session, session.begin():
-            conn = await session.connection()
-            await conn.execute(_SET_TENANT, {"tenant_id": str(tenant_id)})
+            await self.switch_tenant(session, tenant_id)
             yield session
+
+    @staticmethod
+    async def switch_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> None:
+        """From here on, the session's transaction sees (and writes) only
+        ``tenant_id``'s rows; batch writers switch between tenants in one transaction."""
+        await (await session.connection()).execute(_SET_TENANT, {"tenant_id": str(tenant_id)})
 
     @asynccontextmanager
     async def platform(self) -> AsyncIterator[AsyncSession]:

@@ -6,11 +6,11 @@ import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import UsageEvent
+from app.quotas.usage_writer import UsageWriter, insert_events, write_events
 
 CHAT = "chat"
 EMBEDDING = "embedding"
@@ -19,13 +19,16 @@ EMBEDDING = "embedding"
 class UsageService:
     """Writes and sums usage events, always inside the tenant's own scope (RLS)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, writer: UsageWriter | None = None) -> None:
         self.db = db
+        self.writer = writer
 
     async def record(self, event: UsageEvent) -> bool:
-        """Insert the event; False if one with its request id exists (a replay)."""
-        async with self.db.tenant(event.tenant_id) as session:
-            return await add_event(session, event)
+        """Store the event (batched by the process's writer, if it has one); False if
+        one with its request id exists (a replay)."""
+        if self.writer is not None:
+            return await self.writer.record(event)
+        return (await write_events(self.db, [event]))[0]
 
     async def tokens_in_period(self, tenant_id: uuid.UUID, period: str) -> int:
         """Generation tokens metered for the tenant in a budget period (``YYYY-MM``,
@@ -42,10 +45,8 @@ class UsageService:
         return int(total or 0)
 
 
+
 async def add_event(session: AsyncSession, event: UsageEvent) -> bool:
     """Insert the event in the session's transaction (its tenant's scope); False if one
     with its request id exists."""
-    stmt = (insert(UsageEvent).values(**event.model_dump(exclude={"id"}))
-            .on_conflict_do_nothing(constraint="usage_events_request_unique")
-            .returning(UsageEvent.__table__.c.id))  # type: ignore[attr-defined]
-    return (await session.execute(stmt)).first() is not None
+    return bool(await insert_events(session, [event]))

@@ -1,0 +1,157 @@
+"""Usage events written in batches, behind the answers.
+
+Whatever queued while the previous write ran goes into the next one: one transaction,
+one multi-row ``INSERT ... ON CONFLICT DO NOTHING`` per tenant, each under that tenant's
+row-level-security scope. An idle process writes each event at once; a busy one writes
+hundreds per transaction on one connection. A PostgreSQL outage is waited out (the
+batch is retried with backoff for ``retry_for_s``) rather than losing the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert
+from sqlmodel.ext.asyncio.session import AsyncSession
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from app.db.engine import Database
+from app.db.models import UsageEvent
+
+log = logging.getLogger(__name__)
+Pending = tuple[UsageEvent, "asyncio.Future[bool]"]
+
+
+class UsageWriterClosedError(RuntimeError):
+    """The writer is not running (not started, or shut down)."""
+
+
+class UsageWriter:
+    """Batches usage events into few transactions; :meth:`record` says whether the
+    event was new (False: its request id was metered before, a replay)."""
+
+    def __init__(self, db: Database, *, max_batch: int = 500, max_queued: int = 100_000,
+                 retry_for_s: float = 60.0) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self.max_queued = max_queued
+        self.retry_for_s = retry_for_s
+        self._queue: list[Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches = 0  # transactions written (the benchmark reads it)
+
+    def start(self) -> None:
+        """Start writing (on the running event loop)."""
+        self._task = asyncio.create_task(self._run(), name="usage-writer")
+
+    async def close(self) -> None:
+        """Write what is queued, then stop."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        await self._task
+        self._task = None
+
+    async def record(self, event: UsageEvent) -> bool:
+        """Queue the event and wait until it is written; True if it was new. A caller
+        cancelled meanwhile does not take the event with it."""
+        if self._task is None or self._task.done() or self._closing:
+            raise UsageWriterClosedError("the usage writer is not running")
+        if len(self._queue) >= self.max_queued:
+            raise UsageWriterClosedError(f"{self.max_queued} usage events are waiting for "
+                                         "PostgreSQL; refusing more")
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume)
+        self._queue.append((event, future))
+        self._wake.set()
+        return await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch = self._queue[:self.max_batch]
+                del self._queue[:self.max_batch]
+                await self._write(batch)
+            if self._closing:
+                return
+
+    async def _write(self, batch: list[Pending]) -> None:
+        try:
+            async for attempt in AsyncRetrying(
+                    retry=retry_if_exception(_transient), reraise=True,
+                    stop=stop_after_delay(self.retry_for_s),
+                    wait=wait_exponential(multiplier=0.1, max=5),
+                    before_sleep=before_sleep_log(log, logging.WARNING)):
+                with attempt:
+                    inserted = await write_events(self.db, [e for e, _ in batch])
+        except Exception as exc:
+            log.exception("could not write %d usage events", len(batch))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.batches += 1
+        for (_, future), new in zip(batch, inserted, strict=True):
+            if not future.done():
+                future.set_result(new)
+
+
+async def write_events(db: Database, events: Sequence[UsageEvent]) -> list[bool]:
+    """Insert the events in one transaction, tenant by tenant; for each, True if it was
+    new (the first of its (tenant, request id) to be stored)."""
+    by_tenant = sorted(events, key=lambda e: e.tenant_id.bytes)
+    stored: set[tuple[uuid.UUID, str]] = set()
+    async with db.unscoped() as session:
+        for tenant_id, group in itertools.groupby(by_tenant, key=lambda e: e.tenant_id):
+            await db.switch_tenant(session, tenant_id)
+            stored |= await insert_events(session, list(group))
+    # A replay within the batch: only its first occurrence counts as new.
+    result = []
+    for event in events:
+        key = (event.tenant_id, event.request_id)
+        result.append(key in stored)
+        stored.discard(key)
+    return result
+
+
+async def insert_events(session: AsyncSession,
+                        events: Sequence[UsageEvent]) -> set[tuple[uuid.UUID, str]]:
+    """One multi-row insert in the session's transaction (and its tenant's scope); the
+    (tenant, request id) of the events that were new."""
+    t = UsageEvent.__table__.c  # type: ignore[attr-defined]
+    stmt = (insert(UsageEvent).values([e.model_dump(exclude={"id"}) for e in events])
+            .on_conflict_do_nothing(constraint="usage_events_request_unique")
+            .returning(t.tenant_id, t.request_id))
+    return {(row.tenant_id, row.request_id) for row in await session.execute(stmt)}
+
+
+def _transient(exc: BaseException) -> bool:
+    """PostgreSQL unreachable or restarting, or the pool exhausted: worth waiting for."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError
+                      | sa_exc.TimeoutError | OSError | ConnectionError)
+
+
+def _consume(future: asyncio.Future[bool]) -> None:
+    """Mark a failed write's error as seen when its caller has gone away."""
+    if not future.cancelled():
+        with contextlib.suppress(Exception):
+            future.exception()
