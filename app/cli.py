@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import threading
@@ -21,6 +20,7 @@ from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
 from app.api.factory import create_app
+from app.api.tracing import TracingUnavailableError
 from app.auth.keys import Scope
 from app.db.engine import Database, make_engine
 from app.db.migrate import migrate
@@ -38,6 +38,7 @@ from app.domain.tenants.service import TenantService
 from app.embedded import EmbeddedStack
 from app.errors import DomainError
 from app.ingest_client import FolderIngester, print_summary
+from app.logs import configure_logging
 from app.settings import ServerSettings, Settings, load_settings
 
 T = TypeVar("T")
@@ -53,19 +54,27 @@ def _settings() -> Settings:
     try:
         server = ServerSettings()
         running = None if os.environ.get("DATABASE_URL") else attach_to_running_stack(server)
-        return running or load_settings()
+        settings = running or load_settings()
     except ValidationError as exc:
         typer.secho(f"invalid settings:\n{exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
+    configure_logging(settings.server)
+    return settings
 
 
 def _serve(settings: Settings) -> None:
     from workers.embedded import embedded_workers  # composition root: only here
 
     lifespans = [embedded_workers(settings)] if settings.worker.embedded else []
-    app = create_app(settings, extra_lifespans=lifespans)
+    try:
+        app = create_app(settings, extra_lifespans=lifespans)
+    except TracingUnavailableError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    # Our logging (app/logs.py) formats uvicorn's lines too; the access log is ours
+    # (app/api/request_context.py), with the request and tenant ids.
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
-                            log_level="info", lifespan="on")
+                            log_config=None, access_log=False, lifespan="on")
     uvicorn.Server(config).run()
 
 
@@ -106,6 +115,7 @@ def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
     """Run everything in one process on the embedded stack (no settings needed)."""
     settings = Settings(server=ServerSettings(env="dev", port=port))
     settings.worker.embedded = True
+    configure_logging(settings.server)
     data_dir = settings.server.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     with EmbeddedStack(data_dir) as stack, contextlib.ExitStack() as servers:
@@ -267,6 +277,5 @@ def ingest(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    """Console-script entry point (each command sets up logging from its settings)."""
     cli()

@@ -27,6 +27,23 @@ class ServerSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Path(".data")
     max_request_bytes: int = Field(default=60 * 1024 * 1024, gt=0)
+    # One JSON object per line (unset: in prod) or plain text (unset: in dev and test).
+    log_format: Literal["json", "text"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def effective_log_format(self) -> Literal["json", "text"]:
+        """``APP_LOG_FORMAT``, else JSON in production and text elsewhere."""
+        return self.log_format or ("json" if self.env == "prod" else "text")
+
+
+class TracingSettings(BaseSettings):
+    """OpenTelemetry tracing, on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (OTLP over
+    HTTP; the exporter reads the other standard ``OTEL_EXPORTER_OTLP_*`` variables)."""
+
+    model_config = SettingsConfigDict(env_prefix="OTEL_", extra="ignore")
+
+    exporter_otlp_endpoint: str | None = None  # e.g. http://otel-collector:4318
+    service_name: str = "tenantrag"
 
 
 class DatabaseSettings(BaseSettings):
@@ -247,6 +264,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore")
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings)

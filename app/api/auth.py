@@ -8,7 +8,9 @@ from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
 from app.auth.authenticator import ApiKeyAuthenticator
+from app.auth.principal import TenantPrincipal
 from app.errors import AuthenticationError
+from app.logs import set_log_tenant
 
 PUBLIC_PATHS = {"/healthz", "/readyz", "/docs"}
 
@@ -29,4 +31,5 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
             raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
         authenticator: ApiKeyAuthenticator = connection.app.state.authenticator
         principal = await authenticator.authenticate(token.strip())
+        set_log_tenant(principal.tenant_id if isinstance(principal, TenantPrincipal) else None)
         return AuthenticationResult(user=principal, auth=token.strip())

@@ -19,6 +19,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from app.api.auth import PUBLIC_PATHS, ApiKeyMiddleware
 from app.api.problems import EXCEPTION_HANDLERS
+from app.api.request_context import request_middleware
 from app.auth.authenticator import ApiKeyAuthenticator
 from app.db.engine import Database, make_engine
 from app.domain.chat.controllers import ConversationController, chat_completions
@@ -227,11 +228,13 @@ def create_app(
             "chat": Provide(provide_chat, sync_to_thread=False),
             "dispatcher": Provide(provide_dispatcher, sync_to_thread=False),
         },
-        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
+        middleware=[*request_middleware(settings),
+                    DefineMiddleware(ApiKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[_lifespan(settings, extra_lifespans, models)],
         openapi_config=openapi,
         request_max_body_size=settings.server.max_request_bytes,
         state=State({"settings": settings}),
         debug=False,
+        logging_config=None,  # the process's logging is app/logs.py's (JSON lines, ids)
     )

@@ -27,6 +27,7 @@ from app.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from app.logs import request_id_var
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -57,6 +58,9 @@ def problem(status: int, title: str, detail: str, code: str, **extra: Any) -> Re
     headers: dict[str, str] = {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    request_id = request_id_var.get()  # also on errors answered outside the middleware
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
     retry_after = extra.get("retry_after_s")
     if isinstance(retry_after, int | float):  # 429 and 503 tell the client when to retry
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))

@@ -13,12 +13,11 @@ from urllib.parse import urlsplit
 import pytest
 import typer.main
 import yaml
-from pydantic_settings import BaseSettings
 
 from app.cli import cli
 from app.inference.pools import parse_pools
 from app.settings import Settings
-from tests.tools import required_tool
+from tests.tools import required_tool, unread_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -33,8 +32,6 @@ SECRETS = {
 }
 APP_SERVICES = ("api", "worker", "migrate")
 BACKING_SERVICES = ("postgres", "redis", "qdrant")
-# Variables the app reads that are not settings fields: the pool's api_key_env.
-NON_SETTINGS_VARIABLES = {"VLLM_API_KEY"}
 
 
 def compose_config(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -208,29 +205,21 @@ def test_app_services_point_at_the_compose_backends(compose: dict[str, Any]) -> 
         assert services(compose)[name]["environment"] == env
 
 
-def settings_variables() -> set[str]:
-    """Every environment variable the app's settings read."""
-    names = set()
-    for group in Settings.model_fields.values():
-        cls = group.annotation
-        assert isinstance(cls, type) and issubclass(cls, BaseSettings)
-        prefix = cls.model_config.get("env_prefix", "")
-        names |= {f"{prefix}{field}".upper() for field in cls.model_fields}
-    return names
-
-
 def test_every_variable_compose_sets_is_one_the_app_reads(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     env = services(compose)["api"]["environment"]
-    unknown = set(env) - settings_variables() - NON_SETTINGS_VARIABLES
-    assert not unknown, f"compose sets variables no setting reads: {unknown}"
+    pools = parse_pools((DOCKER / "pools.toml").read_text(), "toml")
+    unknown = unread_variables(set(env), pools)
+    assert not unknown, f"compose sets variables the app does not read: {unknown}"
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = Settings()  # production: refuses missing or default secrets
     assert settings.is_production
     assert settings.qdrant.url == "http://qdrant:6333"
     assert str(settings.dispatch.pools_file) == env["DISPATCH_POOLS_FILE"]
+    assert settings.server.effective_log_format() == "json"
+    assert not settings.tracing.exporter_otlp_endpoint  # off unless the operator sets it
 
 
 def test_the_pools_file_parses_and_routes_to_the_compose_vllm_service(

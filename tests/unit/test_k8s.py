@@ -18,7 +18,7 @@ from pydantic import SecretStr, ValidationError
 
 from app.inference.pools import PoolKind, PoolsConfig, parse_pools
 from app.settings import AuthSettings, ServerSettings, Settings
-from tests.tools import required_tool
+from tests.tools import required_tool, unread_variables
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUSTOMIZATIONS = ("base", "tenants/acme", "overlays/example")
@@ -208,6 +208,15 @@ def test_the_shared_pool_requests_gpus(example: list[Doc]) -> None:
     assert int(container(sts)["resources"]["limits"][GPU]) >= 1
     claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
     assert claim in [m["name"] for m in container(sts)["volumeMounts"]]  # model cache kept
+
+
+def test_every_variable_the_app_pods_get_is_one_the_app_reads(example: list[Doc]) -> None:
+    pools, _ = pools_of(example)
+    config = find(example, "ConfigMap", "tenantrag-config", "tenantrag")["data"]
+    secret = find(example, "Secret", "tenantrag-secrets", "tenantrag")["stringData"]
+    assert not unread_variables(set(config), pools)
+    assert not unread_variables(set(secret), pools)
+    assert config["APP_ENV"] == "prod" and config["QDRANT_URL"].startswith("http")
 
 
 def test_the_example_secrets_are_refused_by_the_app_in_production(example: list[Doc]) -> None:
