@@ -255,6 +255,10 @@ def test_the_documented_example_pools_file_is_valid(monkeypatch: pytest.MonkeyPa
     example = Path(__file__).resolve().parents[2] / "docs" / "pools.example.toml"
     pools = load_pools(example, None, None, [], 8)
     assert pools is not None and len(pools.pools) == 4
+    assert {p.name: p.cost_rule.value for p in pools.pools} == {
+        "shared-free": "tokens", "shared-paid": "max", "acme-eu": "gpu_time",
+        "shared-eu": "tokens"}
+    assert set(pools.prices) >= {m for p in pools.pools for m in p.models}
     monkeypatch.setenv("VLLM_PAID_API_KEY", "secret")
     assert pools.pools[1].api_key() == "secret"
     monkeypatch.delenv("VLLM_PAID_API_KEY")

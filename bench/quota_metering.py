@@ -1,0 +1,172 @@
+"""Cost of one admission check, and the usage write path's sustained events/s, side by
+side with their floors in one run.
+
+    .venv/bin/python bench/quota_metering.py [--admissions 5000] [--events 20000]
+
+Admission (Redis from REDIS_URL, else the embedded stack):
+  * floor: a Redis ``PING`` round trip, sequentially;
+  * admit: ``RateLimiter.admit`` with every limit on (tenant and end-user RPM, TPM,
+    concurrency, monthly budget), sequentially, then settled outside the timing;
+  * Redis round trips per admission (commands the client sends): the target is one;
+  * admit + settle throughput with 64 concurrent callers.
+Write path (PostgreSQL from DATABASE_URL, else embedded; a scratch database):
+  * one transaction per event (what each request did before the batched writer);
+  * the batched ``UsageWriter`` the API uses; ``--events`` events from 256 concurrent
+    callers over 20 tenants, both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from ingest_throughput import scratch_db
+
+from app.db.engine import Database, make_engine
+from app.db.migrate import migrate
+from app.db.models import Tenant, Tier, UsageEvent
+from app.embedded import EmbeddedStack
+from app.quotas.limiter import Limits, RateLimiter
+from app.quotas.usage_writer import UsageWriter, write_events
+from app.settings import DatabaseSettings, as_asyncpg_url
+
+LIMITS = Limits(rpm=10**9, tpm=10**12, concurrency=10**6, user_rpm=10**9, user_tpm=10**12,
+                user_concurrency=10**6, budget=10**15)
+
+
+class RoundTrips:
+    """Counts the commands a client sends (each one a round trip: no pipelining here).
+    Redis's own counters would also count the calls a script makes inside the server."""
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.count = 0
+        self._send = r.execute_command
+        r.execute_command = self  # type: ignore[method-assign]
+
+    async def __call__(self, *args: object, **options: object) -> object:
+        self.count += 1
+        return await self._send(*args, **options)
+
+
+async def bench_admission(redis_url: str, n: int) -> None:
+    r = aioredis.Redis.from_url(redis_url)
+    limiter = RateLimiter(r, namespace=f"bench-{uuid.uuid4().hex[:6]}")
+    tenant = uuid.uuid4()
+
+    async def no_usage(_: str) -> int:
+        return 0
+
+    for _ in range(200):  # warm: script cached, connection open
+        await r.ping()
+        await limiter.settle(await limiter.admit(tenant, "u", LIMITS, 10, no_usage), 10)
+    pings = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await r.ping()
+        pings.append(time.perf_counter() - t)
+    admits, tickets = [], []
+    trips = RoundTrips(r)
+    for i in range(n):
+        t = time.perf_counter()
+        tickets.append(await limiter.admit(tenant, f"user{i % 50}", LIMITS, 100, no_usage))
+        admits.append(time.perf_counter() - t)
+    per_admission = trips.count / n
+    for ticket in tickets:
+        await limiter.settle(ticket, 90)
+
+    async def caller(until: float) -> int:
+        done = 0
+        while time.perf_counter() < until:
+            ticket = await limiter.admit(tenant, "u", LIMITS, 100, no_usage)
+            await limiter.settle(ticket, 90)
+            done += 1
+        return done
+
+    started = time.perf_counter()
+    total = sum(await asyncio.gather(*(caller(started + 5) for _ in range(64))))
+    rate = total / (time.perf_counter() - started)
+    await r.aclose()
+    ping_us, admit_us = statistics.median(pings) * 1e6, statistics.median(admits) * 1e6
+    print(f"redis PING round trip      p50 {ping_us:7.1f} us  p99 {pct(pings, .99):7.1f} us")
+    print(f"admission (all limits on)  p50 {admit_us:7.1f} us  p99 {pct(admits, .99):7.1f} us"
+          f"  = {admit_us / ping_us:.2f}x a PING")
+    print(f"redis round trips per admission: {per_admission:.3f}")
+    print(f"admit + settle, 64 concurrent callers: {rate:,.0f} requests/s")
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[int(q * (len(values) - 1))] * 1e6
+
+
+async def bench_writes(db_url: str, n: int) -> None:
+    settings = DatabaseSettings(url=db_url, pool_size=20)
+    await migrate(settings)
+    db = Database(make_engine(settings.application_url(), settings))
+    tenants = [Tenant(slug=f"bench-{i}", name="Bench", tier=Tier.pro) for i in range(20)]
+    async with db.platform() as s:
+        s.add_all(tenants)
+    ids = [t.id for t in tenants]
+
+    def events(tag: str) -> list[UsageEvent]:
+        return [UsageEvent(tenant_id=ids[i % len(ids)], request_id=f"{tag}-{i}", kind="chat",
+                           model="m", prompt_tokens=120, completion_tokens=40,
+                           latency_ms=12.5, status="ok") for i in range(n)]
+
+    gate = asyncio.Semaphore(256)
+
+    async def one_by_one(event: UsageEvent) -> bool:
+        async with gate:
+            return (await write_events(db, [event]))[0]
+
+    started = time.perf_counter()
+    assert all(await asyncio.gather(*(one_by_one(e) for e in events("single"))))
+    single = n / (time.perf_counter() - started)
+    writer = UsageWriter(db)
+    writer.start()
+
+    async def batched(event: UsageEvent) -> bool:
+        async with gate:
+            return await writer.record(event)
+
+    started = time.perf_counter()
+    assert all(await asyncio.gather(*(batched(e) for e in events("batched"))))
+    rate = n / (time.perf_counter() - started)
+    await writer.close()
+    await db.close()
+    print(f"usage events, one transaction each : {single:8,.0f} events/s")
+    print(f"usage events, batched writer       : {rate:8,.0f} events/s "
+          f"({writer.batches} transactions, {n / writer.batches:.0f} events each) "
+          f"= {rate / single:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--admissions", type=int, default=5000)
+    parser.add_argument("--events", type=int, default=20000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-quota-"))
+    stack: EmbeddedStack | None = None
+    try:
+        db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
+        if not (db_url and redis_url):
+            stack = EmbeddedStack(work / "stack")
+            endpoints = stack.start()
+            db_url, redis_url = endpoints.database_url, endpoints.redis_url
+        asyncio.run(bench_admission(redis_url, args.admissions))
+        asyncio.run(bench_writes(asyncio.run(scratch_db(as_asyncpg_url(db_url))), args.events))
+    finally:
+        if stack is not None:
+            stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
