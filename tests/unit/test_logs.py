@@ -81,18 +81,28 @@ def test_log_format_defaults_to_json_in_production_and_text_elsewhere() -> None:
     assert ServerSettings(env="dev", log_format="json").effective_log_format() == "json"
 
 
+@pytest.fixture
+def process_logging() -> Iterator[None]:
+    """Put the root logger and the quietened ones back as they were."""
+    root, quiet = logging.getLogger(), [logging.getLogger(n) for n in ("httpx", "httpcore")]
+    handlers, levels = list(root.handlers), [lg.level for lg in (root, *quiet)]
+    yield
+    root.handlers = handlers
+    for logger, level in zip((root, *quiet), levels, strict=True):
+        logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("process_logging")
 def test_configure_logging_replaces_its_own_handler_and_keeps_others() -> None:
     root = logging.getLogger()
-    before, level = list(root.handlers), root.level
-    try:
-        first = configure_logging(ServerSettings(log_level="WARNING"))
-        second = configure_logging(ServerSettings(log_level="DEBUG"))
-        assert second in root.handlers and first not in root.handlers
-        assert all(h in root.handlers for h in before)  # e.g. pytest's own
-        assert root.level == logging.DEBUG
-    finally:
-        root.handlers = before
-        root.setLevel(level)
+    before = list(root.handlers)
+    first = configure_logging(ServerSettings(log_level="DEBUG"))
+    second = configure_logging(ServerSettings(log_level="INFO"))
+    assert second in root.handlers and first not in root.handlers
+    assert all(h in root.handlers for h in before)  # e.g. pytest's own
+    assert root.level == logging.INFO
+    # One line per call to vLLM and per health probe only when debugging.
+    assert logging.getLogger("httpx").level == logging.WARNING
 
 
 def test_tracing_is_off_without_an_endpoint() -> None:
