@@ -123,7 +123,7 @@ local rem_tok = limits[2][2] >= 0 and (limits[2][2] - used[2] - cost) or -1
 return {0, rem_req, rem_tok, resets[1] or window, resets[2] or window}
 """
 
-# KEYS as ADMIT. ARGV: 1 lease, 2 bucket second, 3 cost, 4 actual tokens, 5 count in budget
+# KEYS as ADMIT. ARGV: 1 lease, 2 bucket second, 3 cost, 4 actual tokens
 SETTLE = """
 local lease, bucket = ARGV[1], ARGV[2]
 local delta = tonumber(ARGV[4]) - tonumber(ARGV[3])
@@ -139,7 +139,15 @@ if c then
   redis.call('HDEL', KEYS[9], lease)
   redis.call('ZREM', KEYS[8], lease)
 end
-if live and ARGV[5] == '1' then redis.call('HINCRBY', KEYS[7], 'used', tonumber(ARGV[4])) end
+if live then redis.call('HINCRBY', KEYS[7], 'used', tonumber(ARGV[4])) end
+return 1
+"""
+
+# KEYS as ADMIT. ARGV: 1 tokens to take back out of the budget
+REFUND = """
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  redis.call('HINCRBY', KEYS[7], 'used', -tonumber(ARGV[1]))
+end
 return 1
 """
 
@@ -203,6 +211,7 @@ class RateLimiter:
         self._admit = redis.register_script(ADMIT)
         self._settle = redis.register_script(SETTLE)
         self._renew = redis.register_script(RENEW)
+        self._refund = redis.register_script(REFUND)
 
     def keys(self, tenant_id: uuid.UUID, user: str, period: str) -> list[str]:
         """The nine keys of a tenant (and end user), all in one cluster slot."""
@@ -265,8 +274,7 @@ class RateLimiter:
             code="budget_exhausted", limit="budget",
             retry_after_s=seconds_to_next_period(now))
 
-    async def settle(self, ticket: Ticket, actual_tokens: int,
-                     count_in_budget: bool = True) -> None:
+    async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
         """Replace the reservation by ``actual_tokens`` and release the leases (once).
         Never raises: a lost settlement expires with the lease."""
         if ticket.settled:
@@ -274,11 +282,18 @@ class RateLimiter:
         ticket.settled = True
         try:
             await self._settle(keys=ticket.keys, args=[
-                ticket.lease, ticket.bucket, ticket.cost, actual_tokens,
-                "1" if count_in_budget else "0"])
+                ticket.lease, ticket.bucket, ticket.cost, actual_tokens])
         except RedisError as exc:
             log.warning("could not settle %s (its lease expires on its own): %s",
                         ticket.lease, exc)
+
+    async def refund(self, ticket: Ticket, tokens: int) -> None:
+        """Take a settled request's tokens back out of the budget (its request id
+        turned out to be a replay, already counted). Never raises."""
+        try:
+            await self._refund(keys=ticket.keys, args=[tokens])
+        except RedisError as exc:
+            log.warning("could not refund %d tokens of %s: %s", tokens, ticket.lease, exc)
 
     async def renew(self, ticket: Ticket) -> None:
         """Extend a long request's leases and reservation."""

@@ -69,6 +69,11 @@ class Usage:
     counted: bool = False  # True when the server reported none and we counted
     cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
 
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
     def as_dict(self) -> dict[str, int]:
         """OpenAI's usage object."""
         return {"prompt_tokens": self.prompt_tokens,
@@ -228,8 +233,8 @@ class ChatService:
         except DomainError as exc:
             p.status = exc.code
             raise
-        finally:
-            _detach(self.finish(tenant, p))  # metered behind the answer, not before it
+        finally:  # slots freed before the answer; the usage event is written behind it
+            await asyncio.shield(_detach(self.finish(tenant, p)))
         await self._record(tenant, p, answer)
         return response
 
@@ -251,8 +256,9 @@ class ChatService:
                      upstream: DispatchedStream) -> AsyncIterator[bytes]:
         """Server-sent events: a first chunk with the citations, the upstream's chunks,
         then ``[DONE]``. An upstream failure mid-stream ends the stream with an error
-        event (and ``[DONE]``) instead of cutting it. The turn is stored before
-        ``[DONE]`` (so the conversation can be continued at once) and metered behind it;
+        event (and ``[DONE]``) instead of cutting it. The turn is stored and the
+        request's slots freed before ``[DONE]`` (so the conversation can be continued at
+        once), its usage event written behind it;
         if the client goes away, this generator is cancelled (and, under anyio, so is
         every later await in it), but what was generated is still stored and metered, in
         a task of its own."""
@@ -272,6 +278,7 @@ class ChatService:
                                       "code": exc.code}})
             await self._record(tenant, p, "".join(p.answer))
             p.recorded = True
+            await self.finish(tenant, p)  # slots free before [DONE]
         finally:
             _detach(self._wrap_up(tenant, p))
         yield b"data: [DONE]\n\n"
@@ -316,8 +323,9 @@ class ChatService:
         await self.finish(tenant, p)
 
     async def finish(self, tenant: Tenant, p: Prepared) -> None:
-        """Meter the request once, however it ended: its usage event (idempotent on the
-        request id) and the settlement of its reservation. Never raises."""
+        """End the request once, however it ended: settle its reservation and free its
+        concurrency slots now (the client may send its next request at once), then
+        write its usage event behind it. Never raises."""
         if p.finished:
             return
         p.finished = True
@@ -328,6 +336,16 @@ class ChatService:
                 except DomainError as exc:
                     log.warning("could not count the tokens of %s: %s", p.request_id, exc)
             usage = p.usage or Usage(0, 0)
+            if p.ticket is not None and self.limiter is not None:
+                await self.limiter.settle(p.ticket, usage.total_tokens)
+            _detach(self._meter(tenant, p, usage))
+        except Exception:
+            log.exception("settling %s failed", p.metering_id)
+
+    async def _meter(self, tenant: Tenant, p: Prepared, usage: Usage) -> None:
+        """The request's usage event (idempotent on its request id) and metrics; a
+        replayed request id is taken back out of the budget."""
+        try:
             gpu_seconds = p.where.gpu_seconds if p.where else None
             cost = self.dispatcher.cost(p.where, p.model, prompt=usage.prompt_tokens,
                                         completion=usage.completion_tokens,
@@ -344,17 +362,11 @@ class ChatService:
                 latency_ms=duration_s * 1000, status=p.status, cost_usd=cost,
                 gpu_seconds=gpu_seconds)
             self._observe(tenant, p, usage, duration_s, gpu_seconds, float(cost))
-            inserted = True
-            try:
-                inserted = await self.usage.record(event)
-            except Exception:
-                log.exception("could not write the usage event of %s", p.metering_id)
-            if p.ticket is not None and self.limiter is not None:
-                # A replayed request id is not counted twice.
-                await self.limiter.settle(p.ticket, usage.prompt_tokens
-                                          + usage.completion_tokens, count_in_budget=inserted)
+            inserted = await self.usage.record(event)
+            if not inserted and p.ticket is not None and self.limiter is not None:
+                await self.limiter.refund(p.ticket, usage.total_tokens)
         except Exception:
-            log.exception("metering of %s failed", p.metering_id)
+            log.exception("could not write the usage event of %s", p.metering_id)
 
     def _observe(self, tenant: Tenant, p: Prepared, usage: Usage, duration_s: float,
                  gpu_seconds: float | None, cost: float) -> None:
