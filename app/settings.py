@@ -109,6 +109,9 @@ class AuthSettings(BaseSettings):
     key_pepper: SecretStr = SecretStr(DEV_KEY_PEPPER)
     platform_admin_key: SecretStr | None = None
     last_used_resolution_s: int = Field(default=60, ge=0)
+    # Resolved tenant keys are reused this long; revocations and tenant changes reach
+    # every process at once through PostgreSQL NOTIFY (0 = look up every request).
+    cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
 
 
 class IngestSettings(BaseSettings):

@@ -21,6 +21,7 @@ from app.api.auth import PUBLIC_PATHS, ApiKeyMiddleware
 from app.api.problems import EXCEPTION_HANDLERS
 from app.api.request_context import request_middleware
 from app.auth.authenticator import ApiKeyAuthenticator
+from app.auth.cache import CredentialCache, CredentialChangeListener, credential_owner
 from app.db.engine import Database, make_engine
 from app.domain.chat.controllers import ConversationController, chat_completions
 from app.domain.chat.conversations import ConversationService
@@ -97,6 +98,14 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
                 await dispatcher.start()
                 stack.push_async_callback(dispatcher.close)
             admin_key = settings.auth.platform_admin_key
+            credentials = CredentialCache(settings.auth.cache_ttl_s)
+            db.on_commit(credential_owner, credentials.drop_tenants)  # this process: at once
+            if settings.auth.cache_ttl_s > 0:
+                listener = CredentialChangeListener(
+                    "postgresql://" + settings.database.application_url().partition("://")[2],
+                    credentials)
+                listener.start()
+                stack.push_async_callback(listener.close)
             metrics = ServiceMetrics(settings.metrics.max_tenant_labels,
                                      lambda: app.state.dispatcher.models
                                      if app.state.dispatcher else ())
@@ -111,7 +120,7 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
                 authenticator=ApiKeyAuthenticator(
                     db, settings.auth.key_pepper.get_secret_value(),
                     admin_key.get_secret_value() if admin_key else None,
-                    timedelta(seconds=settings.auth.last_used_resolution_s),
+                    timedelta(seconds=settings.auth.last_used_resolution_s), credentials,
                 ),
             )
             for extra in extras:

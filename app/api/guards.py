@@ -11,6 +11,7 @@ from litestar.handlers.base import BaseRouteHandler
 
 from app.auth.keys import Scope
 from app.auth.principal import PlatformPrincipal, TenantPrincipal
+from app.db.models import Tenant
 from app.errors import AuthenticationError, PermissionDeniedError
 
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]
@@ -50,3 +51,10 @@ def tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> uuid.UUID:
     if not isinstance(user, TenantPrincipal):
         raise AuthenticationError("an API key is required")
     return user.tenant_id
+
+
+def tenant_row(connection: ASGIConnection[Any, Any, Any, Any]) -> Tenant | None:
+    """The tenant row read when the caller's key was checked (fresh to within the
+    credential cache's TTL, and dropped whenever the tenant changes), if there is one."""
+    user = connection.user
+    return user.tenant if isinstance(user, TenantPrincipal) else None

@@ -1,6 +1,8 @@
 """Resolve a presented credential to exactly one principal.
 
-No cache: a revoked key or a suspended tenant is refused on the very next request.
+Resolved tenant keys are cached briefly (:mod:`app.auth.cache`); PostgreSQL announces
+every revocation, rescoping and tenant change, so a revoked key or a suspended tenant is
+refused on the next request in every process.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from datetime import timedelta
 from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from app.auth.keys import Scope, hash_key, key_matches, parse_key
+from app.auth.cache import CredentialCache
+from app.auth.keys import ParsedKey, Scope, hash_key, key_matches, parse_key
 from app.auth.principal import PlatformPrincipal, Principal, TenantPrincipal
 from app.db.engine import Database
 from app.db.models import ApiKey, Tenant, TenantStatus, utcnow
@@ -24,21 +27,34 @@ class ApiKeyAuthenticator:
     """Checks platform and tenant keys against their stored hashes."""
 
     def __init__(self, db: Database, pepper: str, platform_key: str | None,
-                 last_used_resolution: timedelta) -> None:
+                 last_used_resolution: timedelta, cache: CredentialCache | None = None,
+                 ) -> None:
         self.db = db
         self.pepper = pepper
         self._platform_hash = hash_key(platform_key, pepper) if platform_key else None
         self.last_used_resolution = last_used_resolution
+        self.cache = cache
 
     async def authenticate(self, presented: str) -> Principal:
         """The principal for a key, or AuthenticationError / TenantSuspendedError."""
-        if self._platform_hash is not None and hmac.compare_digest(
-            hash_key(presented, self.pepper), self._platform_hash
-        ):
+        digest = hash_key(presented, self.pepper)
+        if self._platform_hash is not None and hmac.compare_digest(digest, self._platform_hash):
             return PlatformPrincipal()
         parsed = parse_key(presented)
         if parsed is None:
             raise AuthenticationError(MALFORMED)
+        if self.cache is None:
+            return await self._lookup(parsed)
+        cached = self.cache.get(digest)
+        if cached is not None:
+            return cached
+        generation = self.cache.generation
+        principal = await self._lookup(parsed)
+        self.cache.put(digest, principal, generation)
+        return principal
+
+    async def _lookup(self, parsed: ParsedKey) -> TenantPrincipal:
+        """The key's principal, read from PostgreSQL (and its use recorded)."""
         async with self.db.platform() as session:
             query = (
                 select(ApiKey, Tenant)
@@ -57,6 +73,7 @@ class ApiKeyAuthenticator:
             tier=tenant.tier,
             key_id=key.id,
             scopes=frozenset(Scope(s) for s in key.scopes),
+            tenant=tenant,
         )
 
     @staticmethod

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from app.auth.keys import Scope
-from app.db.models import Tier
+from app.db.models import Tenant, Tier
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,9 @@ class TenantPrincipal:
     tier: Tier
     key_id: uuid.UUID
     scopes: frozenset[Scope] = field(default_factory=frozenset)
+    # The tenant row as read when the key was checked (read-only; at most the
+    # credential cache's TTL old, and dropped when the tenant changes).
+    tenant: Tenant | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

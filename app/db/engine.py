@@ -9,11 +9,12 @@ transaction that sets nothing sees no tenant rows at all. Platform-operator work
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.settings import DatabaseSettings
@@ -46,7 +47,34 @@ class Database:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+        # A Session class of this database's own, so commit hooks stay per database.
+        self._session_class: type[Session] = type("TrackedSession", (Session,), {})
+        self._sessions = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False,
+                                            sync_session_class=self._session_class)
+
+    def on_commit(self, keys: Callable[[object], object | None],
+                  callback: Callable[[set[object]], None]) -> None:
+        """After each commit, call ``callback`` with ``keys(row)`` of every ORM row the
+        transaction added, changed or deleted (rows ``keys`` maps to None are ignored)."""
+        def after_flush(session: Session, _: object) -> None:
+            changed = session.info.setdefault("changed_keys", set())
+            for row in (*session.new, *session.dirty, *session.deleted):
+                key = keys(row)
+                if key is not None:
+                    changed.add(key)
+
+        def after_commit(session: Session) -> None:
+            changed = session.info.pop("changed_keys", None)
+            if changed:
+                callback(changed)
+
+        def after_rollback(session: Session) -> None:
+            session.info.pop("changed_keys", None)
+
+        event.listen(self._session_class, "after_flush", after_flush)
+        event.listen(self._session_class, "after_commit", after_commit)
+        event.listen(self._session_class, "after_soft_rollback",
+                     lambda session, _: after_rollback(session))
 
     @asynccontextmanager
     async def tenant(self, tenant_id: uuid.UUID) -> AsyncIterator[AsyncSession]:

@@ -14,7 +14,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict
 
-from app.api.guards import requires_scope, tenant_of
+from app.api.guards import requires_scope, tenant_of, tenant_row
 from app.auth.keys import Scope
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.schemas import ChatCompletionRequest
@@ -40,7 +40,7 @@ async def chat_completions(
     chat: NamedDependency[ChatService], tenants: NamedDependency[TenantService],
 ) -> Response[Any]:
     """Answer with citations, streamed or whole."""
-    tenant = await tenants.get_own(tenant_of(request))
+    tenant = tenant_row(request) or await tenants.get_own(tenant_of(request))
     prepared = await chat.prepare(tenant, data, _request_id(request))
     await chat.admit(tenant, prepared)  # 429 here: rate limits, concurrency, budget
     headers = prepared.ticket.headers if prepared.ticket else {}
