@@ -53,7 +53,7 @@ class RoundTrips:
 
     async def __call__(self, *args: object, **options: object) -> object:
         self.count += 1
-        return await self._send(*args, **options)
+        return await self._send(*args, **options)  # type: ignore[no-untyped-call]
 
 
 async def bench_admission(redis_url: str, n: int) -> None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -140,3 +144,30 @@ async def concurrent_client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as c:
         yield c
+
+
+def start_api(settings: Settings, port: int, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """Another API process (``tenantrag serve``) on the suite's database and Redis."""
+    full = {**os.environ, "APP_ENV": "test", "DATABASE_URL": settings.database.url or "",
+            "REDIS_URL": settings.redis.url or "", "AUTH_KEY_PEPPER": TEST_PEPPER,
+            "AUTH_PLATFORM_ADMIN_KEY": PLATFORM_KEY,
+            "WORKER_NAMESPACE": settings.worker.namespace, "HF_HUB_OFFLINE": "1",
+            "APP_DATA_DIR": str(log.parent / f"data-{port}"), **env}
+    tenantrag = str(Path(sys.executable).parent / "tenantrag")
+    return subprocess.Popen([tenantrag, "serve", "--port", str(port)], env=full,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+async def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until ``url``/healthz answers (the process must not exit meanwhile)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise AssertionError(f"the API process exited; see {log}")
+            try:
+                if (await http.get(f"{url}/healthz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"{url} did not come up; see {log}")

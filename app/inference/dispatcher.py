@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
 
-import httpx
-
 from app.db.models import Tenant, Tier
 from app.errors import (
     DomainError,
@@ -50,7 +48,13 @@ from app.errors import (
 from app.inference.fairqueue import DeficitRoundRobin, Entry
 from app.inference.pools import PoolConfig, PoolKind, PoolsConfig
 from app.inference.replica import CircuitBreaker, Replica, choose
-from app.inference.upstream import StreamEvent, Upstream, UpstreamStream, make_http_client
+from app.inference.upstream import (
+    HttpClient,
+    StreamEvent,
+    Upstream,
+    UpstreamStream,
+    make_http_client,
+)
 from app.quotas.costs import request_cost, token_cost
 from app.settings import DispatchSettings, LlmSettings
 
@@ -206,7 +210,7 @@ class Dispatcher:
     """Routes generation requests across the operator's pools."""
 
     def __init__(self, pools: PoolsConfig, settings: DispatchSettings, llm: LlmSettings,
-                 cache_salt_key: bytes, client: httpx.AsyncClient | None = None) -> None:
+                 cache_salt_key: bytes, client: HttpClient | None = None) -> None:
         self.settings = settings
         self.llm = llm
         self._salt_key = cache_salt_key
@@ -244,7 +248,7 @@ class Dispatcher:
                 await self._health_task
             self._health_task = None
         if self._owns_client:
-            await self._client.aclose()
+            await self._client.close()
 
     async def probe_all(self) -> None:
         """One round of ``/health`` and ``/metrics`` on every replica."""

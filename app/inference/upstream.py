@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from app.errors import (
     BadRequestError,
@@ -38,50 +38,73 @@ class StreamEvent:
 class UpstreamStream:
     """An open streaming response: iterate its events once, then it is closed."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         """The parsed ``data:`` events, ending with the ``[DONE]`` marker (chunk None).
         A failure mid-stream raises UpstreamError."""
         try:
-            async for line in self._response.aiter_lines():
-                if not line.startswith("data:"):
+            async for raw in self._response.content:
+                if not raw.startswith(b"data:"):
                     continue
-                data = line[5:].strip()
-                if data == DONE:
+                data = raw[5:].strip()
+                if data == b"[DONE]":
                     yield StreamEvent(None)
                     return
                 yield StreamEvent(json.loads(data))
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(f"generation server timed out mid-stream: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"generation server failed mid-stream: {exc}") from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(f"generation server timed out mid-stream: {exc!r}") \
+                from exc
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise UpstreamError(f"generation server failed mid-stream: {exc!r}") from exc
         finally:
-            await self._response.aclose()
+            self._response.close()
 
     async def close(self) -> None:
         """Close without reading (the client went away before we started)."""
-        await self._response.aclose()
+        self._response.close()
 
 
-def make_http_client(settings: LlmSettings) -> httpx.AsyncClient:
-    """The one pooled HTTP client every replica's requests go through, with explicit
-    connection limits and timeouts."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s,
-                              pool=settings.connect_timeout_s),
-        limits=httpx.Limits(max_connections=settings.max_connections,
-                            max_keepalive_connections=settings.max_connections,
-                            keepalive_expiry=30.0),
-    )
+class HttpClient:
+    """The one pooled HTTP client (aiohttp) every replica's requests go through, with
+    explicit connection limits and timeouts. Its session is made on first use, on the
+    event loop that uses it."""
+
+    def __init__(self, settings: LlmSettings) -> None:
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session."""
+        if self._session is None:
+            s = self.settings
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0,
+                                               keepalive_timeout=30.0, ttl_dns_cache=60),
+                timeout=aiohttp.ClientTimeout(total=None, connect=s.connect_timeout_s,
+                                              sock_read=s.read_timeout_s),
+                auto_decompress=True)
+        return self._session
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def make_http_client(settings: LlmSettings) -> HttpClient:
+    """The pooled HTTP client of a dispatcher."""
+    return HttpClient(settings)
 
 
 class Upstream:
     """An OpenAI-compatible server at ``base_url`` (ending in ``/v1``), over a client
     shared with the other servers (its owner closes it)."""
 
-    def __init__(self, base_url: str, client: httpx.AsyncClient, *, api_key: str | None = None,
+    def __init__(self, base_url: str, client: HttpClient, *, api_key: str | None = None,
                  context_window: int | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.root_url = self.base_url.removesuffix("/v1")
@@ -125,20 +148,21 @@ class Upstream:
 
     async def probe(self, timeout_s: float) -> tuple[bool, str | None]:
         """(``/health`` answered 200, the ``/metrics`` text or None). Never raises."""
-        timeout = httpx.Timeout(timeout_s)
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        session = self._client.session
         try:
-            health = await self._client.get(f"{self.root_url}/health", headers=self._headers,
-                                             timeout=timeout)
-        except httpx.HTTPError:
-            return False, None
-        if health.status_code != 200:
+            async with session.get(f"{self.root_url}/health", headers=self._headers,
+                                   timeout=timeout) as health:
+                if health.status != 200:
+                    return False, None
+        except (aiohttp.ClientError, TimeoutError):
             return False, None
         try:
-            metrics = await self._client.get(f"{self.root_url}/metrics", headers=self._headers,
-                                              timeout=timeout)
-        except httpx.HTTPError:
+            async with session.get(f"{self.root_url}/metrics", headers=self._headers,
+                                   timeout=timeout) as metrics:
+                return True, await metrics.text() if metrics.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
             return True, None
-        return True, metrics.text if metrics.status_code == 200 else None
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming chat completion."""
@@ -148,57 +172,73 @@ class Upstream:
         """Send a streaming chat completion and wait for the response headers. Connect
         errors, timeouts and error statuses raise here, before the caller has sent
         anything to its own client (so it can answer 502/504, or try elsewhere)."""
-        request = self._client.build_request("POST", f"{self.base_url}/chat/completions",
-                                             json=body, headers=self._headers)
-        try:
-            response = await self._client.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise UpstreamConnectError(f"generation server unreachable: {exc!r}") from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(f"generation server timed out: {exc!r}") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"generation server failed: {exc!r}") from exc
-        if response.status_code >= 400:
+        response = await self._request("POST", f"{self.base_url}/chat/completions", body)
+        if response.status >= 400:
             try:
-                await response.aread()
+                raise _status_error(response.status, await _read(response))
             finally:
-                await response.aclose()
-            raise _status_error(response)
+                response.close()
         return UpstreamStream(response)
 
     async def _get_json(self, url: str) -> dict[str, Any]:
-        return await self._send(self._client.build_request("GET", url, headers=self._headers))
+        return await self._send("GET", url, None)
 
     async def _post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._send(self._client.build_request("POST", url, json=body,
-                                                           headers=self._headers))
+        return await self._send("POST", url, body)
 
-    async def _send(self, request: httpx.Request) -> dict[str, Any]:
+    async def _request(self, method: str, url: str,
+                       body: dict[str, Any] | None) -> aiohttp.ClientResponse:
+        """Send; the response's headers are in, its body not yet read."""
+        data, headers = None, self._headers
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
+            headers = {**self._headers, "Content-Type": "application/json"}
         try:
-            response = await self._client.send(request)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return await self._client.session.request(method, url, data=data, headers=headers)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamConnectError(f"generation server unreachable: {exc!r}") from exc
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeoutError(f"generation server timed out: {exc!r}") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError(f"generation server failed: {exc!r}") from exc
-        if response.status_code >= 400:
-            raise _status_error(response)
-        result = response.json()
+
+    async def _send(self, method: str, url: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        response = await self._request(method, url, body)
+        try:
+            raw = await _read(response)
+        finally:
+            response.release()
+        if response.status >= 400:
+            raise _status_error(response.status, raw)
+        try:
+            result = json.loads(raw)
+        except ValueError as exc:
+            raise UpstreamError("generation server answered with something other than "
+                                "JSON") from exc
         if not isinstance(result, dict):
             raise UpstreamError("generation server answered with something other than JSON")
         return result
 
 
-def _status_error(response: httpx.Response) -> DomainError:
-    message = response.text[:500]
+async def _read(response: aiohttp.ClientResponse) -> bytes:
+    """The whole body; a failure while reading it is the server's."""
     try:
-        body = response.json()
+        return await response.read()
+    except TimeoutError as exc:
+        raise UpstreamTimeoutError(f"generation server timed out: {exc!r}") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"generation server failed: {exc!r}") from exc
+
+
+def _status_error(status: int, raw: bytes) -> DomainError:
+    message = raw[:500].decode("utf-8", "replace")
+    try:
+        body = json.loads(raw)
         message = str(body.get("error", {}).get("message") or body.get("message") or message)
     except (ValueError, AttributeError):
         pass
-    log.warning("upstream answered %d: %s", response.status_code, message)
-    if response.status_code in (400, 422):  # the request itself (e.g. a bad parameter)
+    log.warning("upstream answered %d: %s", status, message)
+    if status in (400, 422):  # the request itself (e.g. a bad parameter)
         return BadRequestError(f"the generation server refused the request: {message}")
-    return UpstreamError(f"generation server answered {response.status_code}: {message}",
-                         upstream_status=response.status_code)
+    return UpstreamError(f"generation server answered {status}: {message}",
+                         upstream_status=status)

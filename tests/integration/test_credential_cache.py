@@ -5,9 +5,6 @@ refused at once in the process that made it and within a second in every other o
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,9 +20,9 @@ from app.auth.cache import CredentialCache, CredentialChangeListener
 from app.auth.principal import TenantPrincipal
 from app.db.models import Tier
 from app.settings import Settings
-from tests.faults import TcpProxy
 from tests.fake_openai import free_port
-from tests.support import PLATFORM_KEY, TEST_PEPPER, bearer, create_key, create_tenant
+from tests.faults import TcpProxy
+from tests.support import bearer, create_key, create_tenant, start_api, wait_healthy
 
 Client = AsyncTestClient[Litestar]
 
@@ -63,25 +60,10 @@ async def other_process(settings: Settings, tmp_path: Path) -> AsyncIterator[str
     """A second API process (``tenantrag serve``) on the same database."""
     port = free_port()
     log = tmp_path / "api.log"
-    env = {**os.environ, "APP_ENV": "test", "DATABASE_URL": settings.database.url or "",
-           "REDIS_URL": settings.redis.url or "", "AUTH_KEY_PEPPER": TEST_PEPPER,
-           "AUTH_PLATFORM_ADMIN_KEY": PLATFORM_KEY, "AUTH_CACHE_TTL_S": "300",
-           "WORKER_NAMESPACE": settings.worker.namespace, "HF_HUB_OFFLINE": "1",
-           "APP_DATA_DIR": str(tmp_path / "data")}
-    tenantrag = str(Path(sys.executable).parent / "tenantrag")
-    proc = subprocess.Popen([tenantrag, "serve", "--port", str(port)], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc = start_api(settings, port, log, AUTH_CACHE_TTL_S="300")
     try:
-        async with httpx.AsyncClient(timeout=5) as http:
-            for _ in range(600):
-                assert proc.poll() is None, log.read_text()
-                try:
-                    if (await http.get(f"{url}/healthz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        await wait_healthy(url, proc, log)
         yield url
     finally:
         proc.terminate()

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from app.inference.replica import CircuitBreaker, Replica
-from app.inference.upstream import Upstream
+from app.inference.upstream import HttpClient, Upstream
+from app.settings import LlmSettings
 from tests.fake_openai import FakeConfig, FakeServer
 
 MODEL = "smollm2"
@@ -175,7 +176,8 @@ def test_errors_have_vllms_status_and_body(both: dict[str, str]) -> None:
 async def test_this_app_reads_both_servers_metrics_and_context_window(
     both: dict[str, str],
 ) -> None:
-    async with httpx.AsyncClient(timeout=60) as client:
+    client = HttpClient(LlmSettings(read_timeout_s=60))
+    try:
         for url in both.values():
             upstream = Upstream(url, client)
             healthy, metrics = await upstream.probe(10)
@@ -187,3 +189,5 @@ async def test_this_app_reads_both_servers_metrics_and_context_window(
             assert "vllm:num_requests_waiting{" in metrics
             assert "vllm:kv_cache_usage_perc{" in metrics
             assert await upstream.context_window(MODEL) == 2048
+    finally:
+        await client.close()

@@ -5,9 +5,6 @@ truth the metering must match)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -25,8 +22,6 @@ from app.quotas.limiter import RateLimiter, period_of
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer, free_port
 from tests.support import (
-    PLATFORM_KEY,
-    TEST_PEPPER,
     bearer,
     concurrent_client,
     create_key,
@@ -37,6 +32,8 @@ from tests.support import (
     plain_dsn,
     remove_dispatcher,
     served_over_http,
+    start_api,
+    wait_healthy,
 )
 
 Client = AsyncTestClient[Litestar]
@@ -250,37 +247,18 @@ async def test_redis_down_is_a_clear_503_and_recovers_without_restart(
                             json=body())).status_code == 200
 
 
-def start_api(settings: Settings, fake: FakeServer, port: int, log: Path) -> subprocess.Popen[
-        bytes]:
-    env = {**os.environ, "APP_ENV": "test", "DATABASE_URL": settings.database.url or "",
-           "REDIS_URL": settings.redis.url or "", "LLM_BASE_URL": fake.base_url,
-           "AUTH_KEY_PEPPER": TEST_PEPPER, "AUTH_PLATFORM_ADMIN_KEY": PLATFORM_KEY,
-           "WORKER_NAMESPACE": settings.worker.namespace, "HF_HUB_OFFLINE": "1",
-           "APP_DATA_DIR": str(log.parent / f"data-{port}")}
-    tenantrag = str(Path(sys.executable).parent / "tenantrag")
-    return subprocess.Popen([tenantrag, "serve", "--port", str(port)], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
 async def test_an_rpm_limit_is_exact_across_two_api_processes(
     client: Client, admin_headers: dict[str, str], settings: Settings, fake: FakeServer,
     tmp_path: Path,
 ) -> None:
     _, headers = await chat_tenant(client, admin_headers, rpm_limit=25)
     ports = [free_port(), free_port()]
-    procs = [start_api(settings, fake, p, tmp_path / f"api-{p}.log") for p in ports]
+    procs = [start_api(settings, p, tmp_path / f"api-{p}.log", LLM_BASE_URL=fake.base_url)
+             for p in ports]
     try:
+        for port, proc in zip(ports, procs, strict=True):
+            await wait_healthy(f"http://127.0.0.1:{port}", proc, tmp_path / f"api-{port}.log")
         async with httpx.AsyncClient(timeout=60) as http:
-            for port, proc in zip(ports, procs, strict=True):
-                for _ in range(600):
-                    assert proc.poll() is None, (tmp_path / f"api-{port}.log").read_text()
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code \
-                                == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    await asyncio.sleep(0.2)
             results = await asyncio.gather(*(
                 http.post(f"http://127.0.0.1:{ports[i % 2]}/v1/chat/completions",
                           headers=headers, json=body()) for i in range(80)))

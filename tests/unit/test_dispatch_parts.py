@@ -8,14 +8,14 @@ import json
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.db.models import Tier
 from app.inference.fairqueue import DeficitRoundRobin, Entry
 from app.inference.pools import PoolKind, PoolsConfigError, load_pools, parse_pools
 from app.inference.replica import CircuitBreaker, Replica, choose
-from app.inference.upstream import Upstream
+from app.inference.upstream import HttpClient, Upstream
+from app.settings import LlmSettings
 
 # --- weighted deficit round robin ---------------------------------------------------------
 
@@ -111,7 +111,7 @@ def test_requests_far_above_the_quantum_are_served_without_spinning() -> None:
 
 def replica(url: str, cap: int = 4, in_flight: int = 0) -> Replica:
     r = Replica(pool="p", url=url, cap=cap, in_flight=in_flight,
-                upstream=Upstream(url + "/v1", httpx.AsyncClient()),
+                upstream=Upstream(url + "/v1", HttpClient(LlmSettings())),
                 breaker=CircuitBreaker(threshold=2, cooldown_s=60))
     return r
 
