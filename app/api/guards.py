@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -14,10 +14,12 @@ from app.auth.principal import PlatformPrincipal, TenantPrincipal
 from app.db.models import Tenant
 from app.errors import AuthenticationError, PermissionDeniedError
 
-Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]
+# Guards are coroutines: Litestar runs a plain function guard in a worker thread.
+Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
 
-def platform_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def platform_only(connection: ASGIConnection[Any, Any, Any, Any],
+                        _: BaseRouteHandler) -> None:
     """Only the platform operator's key passes."""
     if not isinstance(connection.user, PlatformPrincipal):
         raise PermissionDeniedError("this route needs the platform operator's key")
@@ -26,7 +28,7 @@ def platform_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHa
 def requires_scope(*scopes: Scope) -> Guard:
     """A guard letting through tenant keys that carry any of ``scopes``."""
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         user = connection.user
         if isinstance(user, PlatformPrincipal):
             raise PermissionDeniedError(
