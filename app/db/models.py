@@ -84,6 +84,15 @@ class Tenant(SQLModel, table=True):
     user_max_concurrency: int | None = None
     max_documents: int | None = None
     max_storage_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # Browsers: origins allowed to call the API with the tenant's embed tokens.
+    cors_origins: list[str] = Field(default_factory=list, sa_column=sa.Column(
+        pg.ARRAY(sa.Text), nullable=False, server_default="{}"))
+    # Content rules: checked on the user's input and on the model's output as it streams.
+    blocked_terms: list[str] = Field(default_factory=list, sa_column=sa.Column(
+        pg.ARRAY(sa.Text), nullable=False, server_default="{}"))
+    blocked_patterns: list[str] = Field(default_factory=list, sa_column=sa.Column(
+        pg.ARRAY(sa.Text), nullable=False, server_default="{}"))
+    disclaimer: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
     )
@@ -119,6 +128,10 @@ class ApiKey(SQLModel, table=True):
         default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
     )
     revoked_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )
+    # Set by a rotation: the old key works until then (the overlap window).
+    expires_at: datetime | None = Field(
         default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
     )
 
@@ -317,6 +330,23 @@ class UsageEvent(SQLModel, table=True):
     cost_usd: Decimal = Field(default=Decimal(0), sa_column=sa.Column(
         pg.NUMERIC(18, 8), nullable=False))
     gpu_seconds: float | None = None
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
+    )
+
+
+class ContentRuleHit(SQLModel, table=True):
+    """A request or answer stopped by the tenant's blocklist (the rule, not the text)."""
+
+    __tablename__ = "content_rule_hits"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
+                                                              primary_key=True))
+    tenant_id: uuid.UUID = Field(sa_column=_tenant_fk())
+    request_id: str = Field(sa_column=sa.Column(sa.String(100), nullable=False))
+    end_user: str = Field(default="", sa_column=sa.Column(sa.String(256), nullable=False))
+    direction: str = Field(sa_column=sa.Column(sa.String(10), nullable=False))
+    rule: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
     )
