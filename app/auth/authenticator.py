@@ -74,12 +74,16 @@ class ApiKeyAuthenticator:
             key_id=key.id,
             scopes=frozenset(Scope(s) for s in key.scopes),
             tenant=tenant,
+            expires_at=key.expires_at,
         )
 
     @staticmethod
     def _check_usable(key: ApiKey, tenant: Tenant) -> None:
         if key.revoked_at is not None:
             raise AuthenticationError("this API key has been revoked")
+        if key.expires_at is not None and key.expires_at <= utcnow():
+            raise AuthenticationError("this API key has expired (it was rotated; use its "
+                                      "replacement)")
         if tenant.status == TenantStatus.suspended:
             raise TenantSuspendedError(
                 f"tenant {tenant.slug!r} is suspended; contact the platform operator"

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -59,7 +60,10 @@ class CredentialCache:
             return
         if len(self._entries) >= self.max_entries:
             self._entries.pop(next(iter(self._entries)))  # the oldest
-        self._entries[digest] = (time.monotonic() + self.ttl_s, principal)
+        keep = self.ttl_s
+        if principal.expires_at is not None:  # a rotated key: not past its expiry
+            keep = min(keep, (principal.expires_at - datetime.now(UTC)).total_seconds())
+        self._entries[digest] = (time.monotonic() + keep, principal)
 
     def drop_tenant(self, tenant_id: uuid.UUID) -> None:
         """Forget every key of a tenant (one of its keys or the tenant changed)."""

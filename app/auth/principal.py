@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from app.auth.keys import Scope
 from app.db.models import Tenant, Tier
@@ -21,6 +22,7 @@ class TenantPrincipal:
     # The tenant row as read when the key was checked (read-only; at most the
     # credential cache's TTL old, and dropped when the tenant changes).
     tenant: Tenant | None = field(default=None, compare=False, repr=False)
+    expires_at: datetime | None = None  # a rotated key's end of overlap
 
 
 @dataclass(frozen=True)

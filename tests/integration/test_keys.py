@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from litestar import Litestar
@@ -86,3 +88,44 @@ async def test_revoke_is_idempotent(client: Client, admin_headers: dict[str, str
     first = (await client.delete(url, headers=admin_headers)).json()
     second = (await client.delete(url, headers=admin_headers)).json()
     assert first["revoked_at"] == second["revoked_at"] is not None
+
+
+async def test_rotation_keeps_the_old_key_working_for_its_overlap_only(
+    client: Client, admin_headers: dict[str, str]
+) -> None:
+    t = await create_tenant(client, admin_headers)
+    admin = bearer((await create_key(client, admin_headers, t["id"], ["admin"]))["key"])
+    old = (await client.post("/v1/keys", headers=admin,
+                             json={"name": "backend", "scopes": ["chat"]})).json()
+    assert (await client.get("/v1/models", headers=bearer(old["key"]))).status_code == 200
+    resp = await client.post(f"/v1/keys/{old['id']}/rotate", headers=admin,
+                             json={"overlap_s": 1})
+    assert resp.status_code == 201, resp.text
+    new = resp.json()
+    assert new["replaces"] == old["id"] and new["key"] != old["key"]
+    assert (new["name"], new["scopes"]) == ("backend", ["chat"])
+    # Both work during the overlap...
+    for key in (old["key"], new["key"]):
+        assert (await client.get("/v1/models", headers=bearer(key))).status_code == 200
+    listed = {k["id"]: k for k in (await client.get("/v1/keys", headers=admin)).json()["data"]}
+    assert listed[old["id"]]["expires_at"] == new["old_key_expires_at"]
+    assert listed[new["id"]]["expires_at"] is None
+    await asyncio.sleep(1.2)
+    # ...then only the replacement.
+    gone = await client.get("/v1/models", headers=bearer(old["key"]))
+    assert gone.status_code == 401 and "rotated" in gone.json()["detail"]
+    assert (await client.get("/v1/models", headers=bearer(new["key"]))).status_code == 200
+    # An expired (or revoked) key cannot be rotated again; another tenant's is not found.
+    assert (await client.post(f"/v1/keys/{old['id']}/rotate", headers=admin)).status_code == 409
+    other = await create_tenant(client, admin_headers)
+    other_admin = bearer((await create_key(client, admin_headers, other["id"], ["admin"]))["key"])
+    assert (await client.post(f"/v1/keys/{new['id']}/rotate",
+                              headers=other_admin)).status_code == 404
+    # The operator rotates with the default overlap (an hour).
+    by_operator = await client.post(f"/admin/tenants/{t['id']}/keys/{new['id']}/rotate",
+                                    headers=admin_headers)
+    assert by_operator.status_code == 201
+    until = datetime.fromisoformat(by_operator.json()["old_key_expires_at"])
+    assert timedelta(minutes=59) < until - datetime.now(UTC) <= timedelta(hours=1)
+    assert (await client.post(f"/v1/keys/{new['id']}/rotate", headers=admin,
+                              json={"overlap_s": -1})).status_code == 400

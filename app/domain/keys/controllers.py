@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from litestar import Controller, Request, delete, get, post
@@ -11,7 +12,14 @@ from litestar.params import FromPath, JSONBody
 
 from app.api.guards import platform_only, requires_scope, tenant_of
 from app.auth.keys import Scope
-from app.domain.keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyOut
+from app.domain.keys.schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyList,
+    ApiKeyOut,
+    ApiKeyRotate,
+    ApiKeyRotated,
+)
 from app.domain.keys.service import ApiKeyService
 
 AnyRequest = Request[Any, Any, Any]
@@ -39,6 +47,15 @@ class TenantKeysController(Controller):
     ) -> ApiKeyList:
         rows = await keys.list(tenant_of(request))
         return ApiKeyList(data=[ApiKeyOut.model_validate(k) for k in rows])
+
+    @post("/{key_id:uuid}/rotate", status_code=201,
+          summary="Replace a key; the old one works for an overlap window")
+    async def rotate(
+        self, request: AnyRequest, key_id: FromPath[uuid.UUID],
+        keys: NamedDependency[ApiKeyService], data: JSONBody[ApiKeyRotate | None] = None,
+    ) -> ApiKeyRotated:
+        overlap = timedelta(seconds=(data or ApiKeyRotate()).overlap_s)
+        return await keys.rotate(tenant_of(request), key_id, overlap)
 
     @delete("/{key_id:uuid}", status_code=200, summary="Revoke an API key")
     async def revoke(
@@ -68,6 +85,15 @@ class PlatformKeysController(Controller):
         self, tenant_id: FromPath[uuid.UUID], keys: NamedDependency[ApiKeyService]
     ) -> ApiKeyList:
         return ApiKeyList(data=[ApiKeyOut.model_validate(k) for k in await keys.list(tenant_id)])
+
+    @post("/{key_id:uuid}/rotate", status_code=201,
+          summary="Replace a tenant's key; the old one works for an overlap window")
+    async def rotate(
+        self, tenant_id: FromPath[uuid.UUID], key_id: FromPath[uuid.UUID],
+        keys: NamedDependency[ApiKeyService], data: JSONBody[ApiKeyRotate | None] = None,
+    ) -> ApiKeyRotated:
+        overlap = timedelta(seconds=(data or ApiKeyRotate()).overlap_s)
+        return await keys.rotate(tenant_id, key_id, overlap)
 
     @delete("/{key_id:uuid}", status_code=200, summary="Revoke a tenant's API key")
     async def revoke(

@@ -38,12 +38,31 @@ class ApiKeyOut(BaseModel):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    expires_at: datetime | None = None  # set when the key was rotated
 
 
 class ApiKeyCreated(ApiKeyOut):
     """The response to a mint: the only time ``key`` is ever shown."""
 
     key: str
+
+
+MAX_OVERLAP_S = 7 * 86400
+
+
+class ApiKeyRotate(BaseModel):
+    """How long the old key keeps working beside its replacement."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    overlap_s: Annotated[int, Field(ge=0, le=MAX_OVERLAP_S)] = 3600
+
+
+class ApiKeyRotated(ApiKeyCreated):
+    """The replacement key (its secret shown once) and when the old one stops."""
+
+    replaces: uuid.UUID
+    old_key_expires_at: datetime
 
 
 class ApiKeyList(BaseModel):

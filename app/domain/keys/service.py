@@ -1,16 +1,17 @@
-"""Tenant API keys: mint, list, revoke. Runs inside the tenant's own RLS scope."""
+"""Tenant API keys: mint, list, rotate, revoke. Runs inside the tenant's own RLS scope."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 from sqlmodel import col, select
 
 from app.auth.keys import hash_key, mint_key
 from app.db.engine import Database
 from app.db.models import ApiKey, Tenant, utcnow
-from app.domain.keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut
-from app.errors import NotFoundError
+from app.domain.keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, ApiKeyRotated
+from app.errors import ConflictError, NotFoundError
 
 
 class ApiKeyService:
@@ -42,6 +43,28 @@ class ApiKeyService:
         query = select(ApiKey).order_by(col(ApiKey.created_at).desc(), col(ApiKey.id))
         async with self.db.tenant(tenant_id) as session:
             return list((await session.exec(query)).all())
+
+    async def rotate(self, tenant_id: uuid.UUID, key_id: uuid.UUID,
+                     overlap: timedelta) -> ApiKeyRotated:
+        """Mint a replacement with the same name and scopes; the old key keeps working
+        for ``overlap`` (so clients can switch without downtime), then stops."""
+        new = mint_key()
+        async with self.db.tenant(tenant_id) as session:
+            old = await session.get(ApiKey, key_id, with_for_update=True)
+            if old is None:
+                raise NotFoundError(f"API key {key_id} not found")
+            now = utcnow()
+            if old.revoked_at is not None or (old.expires_at and old.expires_at <= now):
+                raise ConflictError("this API key is revoked or expired; create a new one")
+            until = now + overlap
+            old.expires_at = min(until, old.expires_at) if old.expires_at else until
+            replacement = ApiKey(tenant_id=tenant_id, name=old.name, prefix=new.prefix,
+                                 secret_hash=hash_key(new.plaintext, self.pepper),
+                                 scopes=list(old.scopes))
+            session.add_all([old, replacement])
+        out = ApiKeyOut.model_validate(replacement)
+        return ApiKeyRotated(**out.model_dump(), key=new.plaintext, replaces=old.id,
+                             old_key_expires_at=old.expires_at)
 
     async def revoke(self, tenant_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey:
         """Revoke a key; every later request with it is refused. Idempotent."""
