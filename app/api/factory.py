@@ -18,6 +18,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from app.api.auth import PUBLIC_PATHS, ApiKeyMiddleware
+from app.api.openapi import document_problems
 from app.api.problems import EXCEPTION_HANDLERS
 from app.api.request_context import request_middleware
 from app.auth.authenticator import ApiKeyAuthenticator
@@ -219,7 +220,7 @@ def create_app(
         }),
         security=[{"apiKey": []}],
     )
-    return Litestar(
+    app = Litestar(
         route_handlers=[healthz, readyz, whoami, list_models, TenantAdminController,
                         PlatformKeysController, TenantKeysController, KnowledgeBaseController,
                         retrieve, chat_completions, ConversationController,
@@ -247,3 +248,5 @@ def create_app(
         debug=False,
         logging_config=None,  # the process's logging is app/logs.py's (JSON lines, ids)
     )
+    document_problems(app)
+    return app
