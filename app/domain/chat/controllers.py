@@ -15,6 +15,7 @@ from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict
 
 from app.api.guards import requires_scope, tenant_of, tenant_row
+from app.api.paging import Offset
 from app.auth.keys import Scope
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.schemas import ChatCompletionRequest
@@ -126,7 +127,7 @@ class ConversationController(Controller):
         self, request: AnyRequest, conversations: NamedDependency[ConversationService],
         user: FromQuery[EndUser] = "",
         limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> ConversationPage:
         rows, total = await conversations.page(tenant_of(request), user, limit, offset)
         return ConversationPage(data=[ConversationOut.model_validate(c) for c in rows],

@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from app.api.guards import requires_scope, tenant_of
+from app.api.paging import Offset
 from app.api.uploads import read_upload
 from app.auth.keys import Scope
 from app.db.models import DocumentStatus
@@ -96,7 +97,7 @@ class KnowledgeBaseController(Controller):
         self, request: AnyRequest, kb_id: FromPath[uuid.UUID],
         documents: NamedDependency[DocumentService],
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 100,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        offset: Offset = 0,
         status: FromQuery[DocumentStatus | None] = None,
     ) -> DocumentPage:
         rows, total = await documents.list(tenant_of(request), kb_id, limit, offset, status)

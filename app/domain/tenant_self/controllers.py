@@ -14,6 +14,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict
 
 from app.api.guards import requires_scope, tenant_of
+from app.api.paging import Offset
 from app.auth.keys import Scope
 from app.auth.principal import TenantPrincipal
 from app.db.models import SystemMessagePolicy, SystemPromptVersion, Tenant, Tier
@@ -150,7 +151,7 @@ async def put_system_prompt(request: AnyRequest, data: JSONBody[SystemPromptUpda
 async def list_system_prompt_versions(
     request: AnyRequest, prompts: NamedDependency[PromptService],
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
-    offset: Annotated[int, QueryParameter(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> SystemPromptVersionPage:
     """Newest first, with who set each and when."""
     rows, total = await prompts.versions(tenant_of(request), limit, offset)

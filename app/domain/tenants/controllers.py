@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from app.api.guards import platform_only
+from app.api.paging import Offset
 from app.db.models import TenantStatus
 from app.domain.tenants.schemas import TenantCreate, TenantOut, TenantPage, TenantUpdate
 from app.domain.tenants.service import TenantService
@@ -33,7 +34,7 @@ class TenantAdminController(Controller):
         self,
         tenants: NamedDependency[TenantService],
         limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        offset: Offset = 0,
         status: FromQuery[TenantStatus | None] = None,
     ) -> TenantPage:
         rows, total = await tenants.list(limit, offset, status)
