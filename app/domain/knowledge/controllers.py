@@ -7,9 +7,11 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from app.api.guards import requires_scope, tenant_of
+from app.api.openapi import problems
 from app.api.paging import Offset
 from app.api.uploads import read_upload
 from app.auth.keys import Scope
@@ -74,6 +76,9 @@ class KnowledgeBaseController(Controller):
         await kbs.delete(tenant_of(request), kb_id)
 
     @post("/{kb_id:uuid}/documents", guards=[DOCS], summary="Upload documents",
+          status_code=202, responses={
+              200: ResponseSpec(UploadResult, description="Every file was already there"),
+              **problems(413, 415, 422)},
           description="multipart/form-data with one or more `file` parts and optional "
           "`metadata` (JSON object) and `external_id`; or application/json "
           '`{"text", "filename", "external_id", "metadata"}`; or a raw text/* body with '
