@@ -41,7 +41,8 @@ class KnowledgeBaseController(Controller):
     path = "/v1/knowledge-bases"
     tags = ["knowledge bases"]  # noqa: RUF012
 
-    @post("/", guards=[KB_WRITE], summary="Create a knowledge base")
+    @post("/", guards=[KB_WRITE], summary="Create a knowledge base",
+          responses=problems(409, 422))
     async def create(
         self, request: AnyRequest, data: JSONBody[KnowledgeBaseCreate],
         kbs: NamedDependency[KnowledgeBaseService],
@@ -61,7 +62,8 @@ class KnowledgeBaseController(Controller):
     ) -> KnowledgeBaseOut:
         return await kbs.get(tenant_of(request), kb_id)
 
-    @patch("/{kb_id:uuid}", guards=[KB_WRITE], summary="Rename or re-describe")
+    @patch("/{kb_id:uuid}", guards=[KB_WRITE], summary="Rename or re-describe",
+           responses=problems(409, 422))
     async def update(
         self, request: AnyRequest, kb_id: FromPath[uuid.UUID],
         data: JSONBody[KnowledgeBaseUpdate], kbs: NamedDependency[KnowledgeBaseService],
