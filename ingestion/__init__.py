@@ -1,6 +1,8 @@
 """Pure document processing: bytes -> structured text -> chunks with offsets.
 
 ``detect_format`` -> ``parse_document`` -> ``chunk_document``; no DB, no network.
+Untrusted files go through `IsolatedParser` (a child process per file, bounded in time
+and memory) instead of ``parse_document`` directly.
 """
 
 from ingestion.chunk import DEFAULT_CHUNKING, Chunk, ChunkingConfig, chunk_document
@@ -13,6 +15,7 @@ from ingestion.errors import (
     UnsafeDocumentError,
     UnsupportedFormatError,
 )
+from ingestion.isolated import IsolatedParser, ProcessLimits
 from ingestion.limits import DEFAULT_LIMITS, ParseLimits
 from ingestion.parse import parse_document
 from ingestion.tokens import TokenCounter, TokenizerCounter, load_token_counter
@@ -26,8 +29,10 @@ __all__ = [
     "EmptyDocumentError",
     "Format",
     "IngestionError",
+    "IsolatedParser",
     "ParseLimits",
     "ParsedDocument",
+    "ProcessLimits",
     "Section",
     "TokenCounter",
     "TokenizerCounter",

@@ -44,9 +44,10 @@ def corrupt_on_error(what: str) -> Iterator[None]:
     except (IngestionError, MemoryError):
         raise
     except Exception as exc:
-        raise CorruptDocumentError(f"unreadable {what}: {_short(exc)}") from exc
+        raise CorruptDocumentError(f"unreadable {what}: {short(exc)}") from exc
 
 
-def _short(exc: Exception, limit: int = 200) -> str:
+def short(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message (or its type's name), at most ``limit`` characters."""
     text = str(exc).strip() or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

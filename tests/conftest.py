@@ -95,8 +95,11 @@ def settings(
         qdrant=QdrantSettings(path=data / "qdrant"),
         # A namespace of its own: a shared Redis may hold other runs' messages.
         worker=WorkerSettings(embedded=True, threads=2, namespace=f"test-{uuid.uuid4().hex[:8]}"),
+        # Hostile files fail sooner than by default (60 s, 1024 MiB): the tests' own
+        # files parse in well under a second and 100 MiB.
         ingest=IngestSettings(relay_interval_s=0.05, sweep_interval_s=1.0,
-                              stale_version_grace_s=1.0),
+                              stale_version_grace_s=1.0, parse_timeout_s=15,
+                              parse_memory_mb=512),
         # Embedding tokens are priced (the metering tests check the cost of ingestion).
         dispatch=DispatchSettings(prices=EMBEDDING_PRICES),
         auth=AuthSettings(

@@ -1,13 +1,16 @@
-"""Real documents of every supported format, made by the libraries people make them with."""
+"""Real documents of every supported format, made by the libraries people make them with,
+and hostile ones (bombs, files that make a parser spin) written byte by byte."""
 
 from __future__ import annotations
 
 import functools
 import io
 import zipfile
+import zlib
 
 from docx import Document as DocxDocument
 from fpdf import FPDF
+from pypdf import PdfWriter
 
 
 def make_pdf(pages: list[str]) -> bytes:
@@ -59,4 +62,64 @@ def make_docx_bomb(size: int = 300 * 2**20) -> bytes:
             block = bytes(2**20)
             for _ in range(size // len(block)):
                 entry.write(block)
+    return buffer.getvalue()
+
+
+def _pdf_with_pages(streams: list[bytes], pages: list[int]) -> bytes:
+    """A PDF written object by object (hostile files are not what PDF libraries make):
+    page i draws with Helvetica from ``streams[pages[i]]``, a FlateDecode stream."""
+    first_stream = 4 + len(pages)
+    kids = " ".join(f"{4 + i} 0 R" for i in range(len(pages)))
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>".encode(),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    objects += [f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents "
+                f"{first_stream + index} 0 R /Resources << /Font << /F1 3 0 R >> >> >>".encode()
+                for index in pages]
+    objects += [f"<< /Length {len(stream)} /Filter /FlateDecode >>\nstream\n".encode()
+                + stream + b"\nendstream" for stream in streams]
+    out, offsets = bytearray(b"%PDF-1.7\n"), []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += (f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\n"
+            f"startxref\n{xref}\n%%EOF\n").encode()
+    return bytes(out)
+
+
+def _deflate(block: bytes, repeat: int, head: bytes = b"", tail: bytes = b"") -> bytes:
+    """zlib data inflating to ``head + block * repeat + tail``, built without holding it."""
+    compressor = zlib.compressobj(9)
+    parts = [compressor.compress(head)]
+    parts += [compressor.compress(block) for _ in range(repeat)]
+    return b"".join([*parts, compressor.compress(tail), compressor.flush()])
+
+
+@functools.cache
+def make_pdf_bomb(pages: int = 20, mib_per_page: int = 70) -> bytes:
+    """A small PDF whose pages' content streams each inflate to ``mib_per_page`` MiB
+    (blank space: under pypdf's 75 MB per-stream cap, yet pages x MiB in all)."""
+    stream = _deflate(b" " * 2**20, mib_per_page)
+    return _pdf_with_pages([stream] * pages, list(range(pages)))  # one stream object each
+
+
+@functools.cache
+def make_spinning_pdf(pages: int = 2000, operators_per_page: int = 150_000) -> bytes:
+    """A small PDF whose every page shows an empty string ``operators_per_page`` times
+    (one stream shared by all pages): text extraction works through each operator of
+    each page in pure Python, about a second per page, and finds no text."""
+    stream = _deflate(b"() Tj ", operators_per_page, head=b"BT /F1 12 Tf ", tail=b"ET\n")
+    return _pdf_with_pages([stream], [0] * pages)
+
+
+def make_blank_pdf(pages: int) -> bytes:
+    """A PDF of ``pages`` empty pages (pypdf's writer)."""
+    writer = PdfWriter()
+    for _ in range(pages):
+        writer.add_blank_page(612, 792)
+    buffer = io.BytesIO()
+    writer.write(buffer)
     return buffer.getvalue()

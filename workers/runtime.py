@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import dramatiq
 
 from app.db.engine import Database, make_engine
-from app.domain.knowledge.pipeline import IngestPipeline
+from app.domain.knowledge.pipeline import IngestPipeline, isolated_parser
 from app.domain.knowledge.sweeper import StuckDocumentSweeper
 from app.embeddings import Models, check_vector_size, load_models
 from app.inference.pools import configured_prices
@@ -116,8 +116,10 @@ class WorkerRuntime:
                                    max_wait_s=s.ingest.coalesce_wait_s,
                                    eager_batch=s.ingest.coalesce_eager_texts)
         self._stack.callback(batcher.close)
+        parser = isolated_parser(s.ingest)
+        self._stack.callback(parser.close)
         self.pipeline = IngestPipeline(self.db, self.store, models, s.ingest, batcher,
-                                       configured_prices(s))
+                                       configured_prices(s), parser)
         self._relay = OutboxRelay(self.db, self.broker, {
             INGEST_DOCUMENT: {"time_limit": s.ingest.message_time_limit_s * 1000},
             DELETE_STALE_VERSIONS: {"delay": int(s.ingest.stale_version_grace_s * 1000)},

@@ -32,8 +32,9 @@ from ingestion import (
     Chunk,
     ChunkingConfig,
     IngestionError,
+    IsolatedParser,
+    ProcessLimits,
     chunk_document,
-    parse_document,
 )
 from retrieval.batching import EmbeddingBatcher
 from retrieval.vectorstore import ChunkPoint, PointFilter, VectorStore
@@ -74,8 +75,12 @@ class IngestPipeline:
 
     def __init__(self, db: Database, store: VectorStore, models: Models,
                  settings: IngestSettings, batcher: EmbeddingBatcher | None = None,
-                 prices: Mapping[str, ModelPrice] | None = None) -> None:
+                 prices: Mapping[str, ModelPrice] | None = None,
+                 parser: IsolatedParser | None = None) -> None:
         self.db = db
+        # Parses each file in a child process bounded in time and memory (the caller
+        # that passes one closes it; ours ends its helpers with the process).
+        self.parser = parser or isolated_parser(settings)
         self.prices = prices or {}
         self.store = store
         self.models = models
@@ -264,7 +269,7 @@ class IngestPipeline:
             cost_usd=token_cost(self.prices.get(model), tokens, 0))
 
     def _chunk(self, data: bytes, fmt: str) -> list[Chunk]:
-        parsed = parse_document(data, fmt)  # type: ignore[arg-type]
+        parsed = self.parser.parse(data, fmt)  # type: ignore[arg-type]
         return chunk_document(parsed, self.models.counter, self.chunking)
 
     def _points(self, doc: Document, chunks: list[Chunk]) -> list[ChunkPoint]:
@@ -277,6 +282,13 @@ class IngestPipeline:
                        payload=_payload(doc, c, meta))
             for c, d, s in zip(chunks, dense, sparse, strict=True)
         ]
+
+
+def isolated_parser(settings: IngestSettings) -> IsolatedParser:
+    """The parser the settings ask for: time, memory and process limits."""
+    limits = ProcessLimits(timeout_s=settings.parse_timeout_s,
+                           memory_bytes=settings.parse_memory_mb * 2**20)
+    return IsolatedParser(process_limits=limits, max_processes=settings.parse_processes)
 
 
 def _payload(doc: Document, chunk: Chunk, meta: dict[str, Any]) -> dict[str, Any]:

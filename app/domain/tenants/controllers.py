@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from app.api.guards import platform_only
+from app.api.openapi import problems
 from app.api.paging import Offset
 from app.db.models import TenantStatus
 from app.domain.tenants.schemas import TenantCreate, TenantOut, TenantPage, TenantUpdate
@@ -23,7 +24,7 @@ class TenantAdminController(Controller):
     guards = [platform_only]  # noqa: RUF012  (Litestar reads a class attribute)
     tags = ["platform admin"]  # noqa: RUF012
 
-    @post("/", summary="Create a tenant")
+    @post("/", summary="Create a tenant", responses=problems(409, 422))
     async def create(
         self, data: JSONBody[TenantCreate], tenants: NamedDependency[TenantService]
     ) -> TenantOut:
@@ -47,7 +48,8 @@ class TenantAdminController(Controller):
     ) -> TenantOut:
         return TenantOut.model_validate(await tenants.get(tenant_id))
 
-    @patch("/{tenant_id:uuid}", summary="Update a tenant (only the fields sent)")
+    @patch("/{tenant_id:uuid}", summary="Update a tenant (only the fields sent)",
+           responses=problems(409, 422))
     async def update(
         self,
         tenant_id: FromPath[uuid.UUID],

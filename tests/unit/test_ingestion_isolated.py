@@ -1,0 +1,180 @@
+"""Parsing in child processes: hostile files end in a clear refusal, within the time and
+memory limits, and the parser keeps serving other files meanwhile and afterwards."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from ingestion import (
+    CorruptDocumentError,
+    IngestionError,
+    IsolatedParser,
+    ParsedDocument,
+    ProcessLimits,
+    UnsafeDocumentError,
+    parse_document,
+)
+from tests.files import make_blank_pdf, make_docx_bomb, make_pdf_bomb, make_spinning_pdf
+from tests.unit.test_ingestion_samples import SAMPLES
+
+SMALL = b"The LEMUR room is on floor 3.\n\nBook it at the front desk.\n"
+
+
+@pytest.fixture
+def parser() -> Iterator[IsolatedParser]:
+    """A parser with a short deadline and the default memory limit (1024 MiB)."""
+    isolated = IsolatedParser(process_limits=ProcessLimits(timeout_s=3), max_processes=2)
+    yield isolated
+    isolated.close()
+
+
+def helper_processes() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children()
+            if "ingestion.parse_worker" in " ".join(p.cmdline())]
+
+
+def parsing_child(within_s: float = 10) -> psutil.Process:
+    """The process parsing a file right now (a child of one of our helpers)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for helper in helper_processes():
+            if children := helper.children():
+                return children[0]
+        time.sleep(0.02)
+    raise AssertionError("no file is being parsed")
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_every_sample_parses_exactly_as_in_process(parser: IsolatedParser, name: str) -> None:
+    data, fmt = SAMPLES[name]
+    assert parser.parse(data, fmt) == parse_document(data, fmt)
+
+
+def test_files_parse_concurrently_and_helpers_are_reused(parser: IsolatedParser) -> None:
+    files = [(f"Room {i} is on floor {i % 7}.".encode(), "text") for i in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda f: parser.parse(*f).text, files))
+    assert texts == [data.decode() for data, _ in files]
+    assert 1 <= len(helper_processes()) <= 2  # max_processes, not one per file
+
+
+def test_refusals_of_the_parsers_come_back_unchanged(parser: IsolatedParser) -> None:
+    with pytest.raises(CorruptDocumentError, match="unreadable PDF"):
+        parser.parse(b"%PDF-1.7\n" + b"\x13\x37garbage" * 100, "pdf")
+    with pytest.raises(UnsafeDocumentError, match="inflate"):
+        parser.parse(make_docx_bomb(), "docx")
+    with pytest.raises(UnsafeDocumentError, match="nested deeper than 400"):
+        parser.parse(("<div>" * 100_000 + "deep" + "</div>" * 100_000).encode(), "html")
+    with pytest.raises(UnsafeDocumentError, match="3000 pages; the limit is 2000"):
+        parser.parse(make_blank_pdf(3000), "pdf")
+
+
+def test_a_pdf_compression_bomb_stops_at_the_memory_limit() -> None:
+    bomb = make_pdf_bomb()  # 20 pages of 70 MiB each, from a file of about 1.4 MB
+    assert len(bomb) < 2 * 2**20
+    isolated = IsolatedParser()  # the defaults: 60 s, 1024 MiB
+    try:
+        started = time.monotonic()
+        with pytest.raises(UnsafeDocumentError, match="parsing needed more than 1024 MiB"):
+            isolated.parse(bomb, "pdf")
+        assert time.monotonic() - started < 30  # stopped by memory, long before the deadline
+        assert isolated.parse(SMALL, "text").text.startswith("The LEMUR room")
+    finally:
+        isolated.close()
+
+
+def test_html_that_balloons_in_libxml2_stops_at_the_memory_limit() -> None:
+    isolated = IsolatedParser(process_limits=ProcessLimits(memory_bytes=256 * 2**20))
+    try:  # 3 million empty paragraphs: 9 MB of HTML, several hundred MiB of tree
+        with pytest.raises(UnsafeDocumentError, match="needed more than 256 MiB"):
+            isolated.parse(b"<html><body>" + b"<p>" * 3_000_000, "html")
+    finally:
+        isolated.close()
+
+
+def test_a_pdf_that_makes_the_parser_spin_is_killed_at_the_deadline(
+    parser: IsolatedParser,
+) -> None:
+    spinning = make_spinning_pdf()  # 2000 pages of empty text operators: hours of work
+    assert len(spinning) < 2**20
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        parse = pool.submit(parser.parse, spinning, "pdf")
+        child = parsing_child()
+        helpers = {helper.pid for helper in helper_processes()}
+        with pytest.raises(UnsafeDocumentError, match="parsing took longer than 3 s"):
+            parse.result()
+    assert 3 <= time.monotonic() - started < 3 + 2
+    assert not child.is_running()  # killed and reaped, not left spinning or a zombie
+    assert {helper.pid for helper in helper_processes()} == helpers  # the helper stays
+    assert parser.parse(SMALL, "text").text.startswith("The LEMUR room")
+
+
+def test_other_files_are_served_while_one_spins(parser: IsolatedParser) -> None:
+    with ThreadPoolExecutor(1) as spinner:
+        stuck = spinner.submit(parser.parse, make_spinning_pdf(), "pdf")
+        parsing_child()
+        started = time.monotonic()
+        for i in range(10):
+            assert parser.parse(f"Note {i}".encode(), "text").text == f"Note {i}"
+        assert time.monotonic() - started < 2 and not stuck.done()
+        with pytest.raises(UnsafeDocumentError, match="longer than 3 s"):
+            stuck.result()
+
+
+@pytest.mark.parametrize(("sent", "reason"), [
+    (signal.SIGSEGV, r"the parser crashed on this file \(SIGSEGV\)"),
+    (signal.SIGKILL, "parsing needed more than 1024 MiB"),  # what the OOM killer sends
+])  # fmt: skip
+def test_a_parser_process_that_dies_fails_the_file_with_a_reason(
+    parser: IsolatedParser, sent: signal.Signals, reason: str
+) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        parse = pool.submit(parser.parse, make_spinning_pdf(), "pdf")
+        parsing_child().send_signal(sent)
+        with pytest.raises(IngestionError, match=reason):
+            parse.result(timeout=10)
+    assert parser.parse(SMALL, "text").text.startswith("The LEMUR room")
+
+
+@pytest.mark.parametrize("name", ["pdf", "docx", "html"])
+def test_damaged_files_are_parsed_or_refused_never_anything_else(
+    parser: IsolatedParser, name: str
+) -> None:
+    data, fmt = SAMPLES[name]
+    rng = random.Random(name)  # noqa: S311 - reproducible damage, not secrets
+    refused = 0
+    for _ in range(40):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 30)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        damaged = damaged[: rng.randint(len(damaged) // 2, len(damaged))]
+        try:
+            assert isinstance(parser.parse(bytes(damaged), fmt), ParsedDocument)
+        except IngestionError:
+            refused += 1
+    assert refused > 0  # the damage was real
+
+
+def test_close_ends_the_helper_processes() -> None:
+    isolated = IsolatedParser(max_processes=3)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda _: isolated.parse(SMALL, "text"), range(9)))
+    helpers = helper_processes()
+    assert helpers
+    isolated.close()
+    assert not any(helper.is_running() for helper in helpers)
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        ProcessLimits(timeout_s=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        IsolatedParser(max_processes=0)
