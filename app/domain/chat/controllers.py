@@ -15,6 +15,7 @@ from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict
 
 from app.api.guards import requires_scope, tenant_of, tenant_row
+from app.api.openapi import also_answering, problems
 from app.api.paging import Offset
 from app.auth.keys import Scope
 from app.domain.chat.conversations import ConversationService
@@ -31,6 +32,8 @@ EndUser = Annotated[str, QueryParameter(max_length=256,
 
 
 @post("/v1/chat/completions", status_code=200, tags=["chat"], guards=[CHAT],
+      responses=problems(404, 429, 502, 504),
+      operation_class=also_answering("text/event-stream"),
       summary="Chat, grounded in the tenant's documents (OpenAI-compatible)",
       description="OpenAI's chat completion request; extras (`knowledge_base_ids`, "
       "`retrieval`, `conversation_id`) go in the body (`extra_body` in OpenAI SDKs). The "
