@@ -9,13 +9,14 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
 from app.api.guards import requires_scope, tenant_of
+from app.api.openapi import problems
 from app.auth.keys import Scope
 from app.domain.search.schemas import RetrieveRequest, RetrieveResponse
 from app.domain.search.service import SearchService
 
 
 @post("/v1/retrieve", status_code=200, tags=["retrieval"], summary="Search the knowledge bases",
-      guards=[requires_scope(Scope.admin, Scope.ingest, Scope.chat)])
+      guards=[requires_scope(Scope.admin, Scope.ingest, Scope.chat)], responses=problems(404))
 async def retrieve(
     request: Request[Any, Any, Any], data: JSONBody[RetrieveRequest],
     search: NamedDependency[SearchService],
