@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 
 from app.api.guards import platform_only, requires_scope, tenant_of
+from app.api.openapi import also_answering
 from app.auth.keys import Scope
 from app.db.engine import Database
 from app.db.models import Tenant, UsageEvent
@@ -144,6 +145,7 @@ Format = FromQuery[Annotated[str, QueryParameter(pattern="^(json|csv)$")]]
 
 
 @get("/v1/usage", guards=[requires_scope(Scope.admin)], tags=["usage"],
+     operation_class=also_answering("text/csv"),
      summary="The tenant's usage per day, model or end user (JSON or CSV)")
 async def tenant_usage(request: AnyRequest, state: State, start: From = None, end: To = None,
                        group_by: FromQuery[GroupBy] = GroupBy.day,
@@ -159,6 +161,7 @@ async def tenant_usage(request: AnyRequest, state: State, start: From = None, en
 
 
 @get("/admin/usage", guards=[platform_only], tags=["platform admin"],
+     operation_class=also_answering("text/csv"),
      summary="Usage across tenants per tenant, day, model or end user (JSON or CSV)")
 async def admin_usage(state: State, start: From = None, end: To = None,
                       group_by: FromQuery[GroupBy] = GroupBy.tenant,
