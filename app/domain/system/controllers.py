@@ -8,6 +8,7 @@ from typing import Any
 
 from litestar import Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -28,7 +29,9 @@ async def _check(probe: Callable[[], Awaitable[object]]) -> str:
     return "ok"
 
 
-@get("/readyz", summary="Readiness", tags=["system"], exclude_from_auth=True)
+@get("/readyz", summary="Readiness", tags=["system"], exclude_from_auth=True,
+     responses={503: ResponseSpec(dict[str, Any], description="Some backing service is down",
+                                  generate_examples=False)})
 async def readyz(state: State) -> Response[dict[str, Any]]:
     """200 when PostgreSQL, Redis and the vector store all answer; 503 naming those that don't."""
     names = ("postgres", "redis", "vector_store")
