@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from app.domain.search.schemas import FilterValue
+from app.domain.search.schemas import Filters
 
 Role = Literal["system", "developer", "user", "assistant"]
 MAX_MESSAGES = 500
@@ -55,7 +55,7 @@ class RetrievalOptions(BaseModel):
 
     enabled: bool = True
     top_k: Annotated[int | None, Field(ge=1, le=50)] = None
-    filters: Annotated[dict[str, FilterValue] | None, Field(max_length=20)] = None
+    filters: Filters = None
 
 
 class StreamOptions(BaseModel):

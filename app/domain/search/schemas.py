@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 SearchMode = Literal["hybrid", "dense", "sparse"]
 FilterValue = str | int | bool
+# A filtered metadata key becomes part of the store's JSON path (meta.<key>): plain names only.
+FilterKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Filters = Annotated[dict[FilterKey, FilterValue] | None, Field(max_length=20)]
 
 
 class RetrieveRequest(BaseModel):
@@ -20,7 +23,7 @@ class RetrieveRequest(BaseModel):
                                             max_length=4000)]
     knowledge_base_ids: Annotated[list[uuid.UUID] | None, Field(max_length=100)] = None
     top_k: Annotated[int, Field(ge=1, le=50)] = 5
-    filters: Annotated[dict[str, FilterValue] | None, Field(max_length=20)] = None
+    filters: Filters = None
     mode: SearchMode = "hybrid"
     # False: also passages below the relevance thresholds that chat applies.
     relevant_only: bool = True
