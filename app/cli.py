@@ -31,6 +31,7 @@ from app.devstack import (
     remove_stack_file,
     write_stack_file,
 )
+from app.domain.audit.records import CLI
 from app.domain.keys.schemas import ApiKeyCreate, ApiKeyCreated
 from app.domain.keys.service import ApiKeyService
 from app.domain.tenants.schemas import TenantCreate
@@ -213,7 +214,7 @@ def tenants_create(
     except ValidationError as exc:
         typer.secho(f"invalid tenant: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
-    tenant = _run(lambda db, _: TenantService(db).create(data))
+    tenant = _run(lambda db, _: TenantService(db).create(data, CLI))
     typer.echo(f"created tenant {tenant.slug} ({tenant.id}), tier {tenant.tier}")
 
 
@@ -237,7 +238,7 @@ def keys_create(
 
     async def work(db: Database, settings: Settings) -> ApiKeyCreated:
         service = ApiKeyService(db, settings.auth.key_pepper.get_secret_value())
-        return await service.create(await _resolve_tenant(db, tenant), data)
+        return await service.create(await _resolve_tenant(db, tenant), data, CLI)
 
     created = _run(work)
     typer.echo(f"key id: {created.id}\nkey:    {created.key}")
@@ -252,7 +253,7 @@ def keys_revoke(
 
     async def work(db: Database, settings: Settings) -> None:
         service = ApiKeyService(db, settings.auth.key_pepper.get_secret_value())
-        await service.revoke(await _resolve_tenant(db, tenant), key_id)
+        await service.revoke(await _resolve_tenant(db, tenant), key_id, CLI)
 
     _run(work)
     typer.echo(f"revoked {key_id}")

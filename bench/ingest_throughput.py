@@ -31,6 +31,7 @@ from sqlmodel import col, select
 from app.db.engine import Database, make_engine
 from app.db.migrate import migrate
 from app.db.models import Document, Tenant, Tier
+from app.domain.audit.records import CLI
 from app.domain.knowledge.document_service import DocumentService, IncomingFile
 from app.domain.knowledge.kb_service import KnowledgeBaseService
 from app.domain.knowledge.schemas import KnowledgeBaseCreate
@@ -112,7 +113,8 @@ async def pipeline_run(settings: Settings, models: Models, docs: list[bytes]) ->
     async with db.platform() as s:
         tenant = Tenant(slug="bench", name="Bench", tier=Tier.enterprise)
         s.add(tenant)
-    kb = await KnowledgeBaseService(db).create(tenant.id, KnowledgeBaseCreate(name="bench"))
+    kb = await KnowledgeBaseService(db).create(tenant.id, KnowledgeBaseCreate(name="bench"),
+                                               CLI)
     service = DocumentService(db, settings.ingest)
     clock = ModelClock(models)  # before the workers take the model's embed
     running = await asyncio.to_thread(start_workers, settings, None, models)

@@ -24,6 +24,8 @@ from app.api.request_context import request_middleware
 from app.auth.authenticator import ApiKeyAuthenticator
 from app.auth.cache import CredentialCache, CredentialChangeListener, credential_owner
 from app.db.engine import Database, make_engine
+from app.domain.audit.controllers import admin_audit, tenant_audit
+from app.domain.audit.service import AuditService
 from app.domain.chat.controllers import ConversationController, chat_completions
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.service import ChatService
@@ -168,6 +170,11 @@ def provide_prompts(state: State) -> PromptService:
     return PromptService(state.db)
 
 
+def provide_audit(state: State) -> AuditService:
+    """The audit log reader."""
+    return AuditService(state.db)
+
+
 def provide_conversations(state: State) -> ConversationService:
     """The conversation store."""
     return ConversationService(state.db)
@@ -225,7 +232,8 @@ def create_app(
                         PlatformKeysController, TenantKeysController, KnowledgeBaseController,
                         retrieve, chat_completions, ConversationController,
                         get_system_prompt, put_system_prompt, list_system_prompt_versions,
-                        list_pools, tenant_usage, admin_usage, prometheus_metrics],
+                        list_pools, tenant_usage, admin_usage, prometheus_metrics,
+                        tenant_audit, admin_audit],
         dependencies={
             "tenants": Provide(provide_tenants, sync_to_thread=False),
             "keys": Provide(provide_keys, sync_to_thread=False),
@@ -234,6 +242,7 @@ def create_app(
             "search": Provide(provide_search, sync_to_thread=False),
             "settings": Provide(provide_settings, sync_to_thread=False),
             "prompts": Provide(provide_prompts, sync_to_thread=False),
+            "audit": Provide(provide_audit, sync_to_thread=False),
             "conversations": Provide(provide_conversations, sync_to_thread=False),
             "chat": Provide(provide_chat, sync_to_thread=False),
             "dispatcher": Provide(provide_dispatcher, sync_to_thread=False),

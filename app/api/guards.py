@@ -12,6 +12,7 @@ from litestar.handlers.base import BaseRouteHandler
 from app.auth.keys import Scope
 from app.auth.principal import PlatformPrincipal, TenantPrincipal
 from app.db.models import Tenant
+from app.domain.audit.records import OPERATOR, key_actor
 from app.errors import AuthenticationError, PermissionDeniedError
 
 # Guards are coroutines: Litestar runs a plain function guard in a worker thread.
@@ -53,6 +54,16 @@ def tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> uuid.UUID:
     if not isinstance(user, TenantPrincipal):
         raise AuthenticationError("an API key is required")
     return user.tenant_id
+
+
+def actor_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """Who the audit log names for this caller: ``operator`` or ``key:<key id>``."""
+    user = connection.user
+    if isinstance(user, PlatformPrincipal):
+        return OPERATOR
+    if isinstance(user, TenantPrincipal):
+        return key_actor(user.key_id)
+    raise AuthenticationError("an API key is required")
 
 
 def tenant_row(connection: ASGIConnection[Any, Any, Any, Any]) -> Tenant | None:

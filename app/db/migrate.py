@@ -19,6 +19,8 @@ from app.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# Records the app may add and read but never change or remove (the audit log).
+APPEND_ONLY_TABLES = ("audit_events",)
 
 
 class UnsafeAppRoleError(RuntimeError):
@@ -59,6 +61,8 @@ def _grant_row_privileges(conn: Connection, role: str) -> None:
     ))
     conn.execute(text(f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
     conn.execute(text(f'REVOKE ALL ON TABLE alembic_version FROM "{role}"'))
+    for table in APPEND_ONLY_TABLES:
+        conn.execute(text(f'REVOKE UPDATE, DELETE, TRUNCATE ON TABLE {table} FROM "{role}"'))
 
 
 def _upgrade(conn: Connection, settings: DatabaseSettings) -> None:

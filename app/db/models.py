@@ -350,3 +350,25 @@ class ContentRuleHit(SQLModel, table=True):
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
     )
+
+
+class AuditEvent(SQLModel, table=True):
+    """One admin action or key operation, written in the same transaction as the change
+    it records. Append-only: the app role may insert and read, never change or delete.
+    ``tenant_id`` None = a platform-wide action (only the platform scope sees it); no
+    foreign key, so the record outlives what it describes."""
+
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
+                                                              primary_key=True))
+    tenant_id: uuid.UUID | None = Field(default=None, sa_column=sa.Column(
+        pg.UUID(as_uuid=True), nullable=True))
+    actor: str = Field(sa_column=sa.Column(sa.String(100), nullable=False))
+    action: str = Field(sa_column=sa.Column(sa.String(50), nullable=False))
+    target_type: str = Field(sa_column=sa.Column(sa.String(30), nullable=False))
+    target_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(100)))
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(
+        pg.JSONB, nullable=False, server_default="{}"))
+    request_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(100)))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())

@@ -98,6 +98,8 @@ async def test_the_tenant_admin_guide_runs_top_to_bottom(
     assert "ready\n" in out  # the upload was processed (the loop echoes its status)
     assert "Reset password" in out  # the search found the uploaded FAQ
     assert "user,requests" in out  # the CSV usage report's header
+    assert "id,created_at,tenant_id,actor,action" in out  # the CSV audit log's header
+    assert out.count(",key.revoked,api_key,") == 1  # the guide's revoke, in that CSV
     # What the guide changed is really there.
     auth = bearer(key)
     prompt = (await client.get("/v1/tenant/system-prompt", headers=auth)).json()
@@ -155,13 +157,15 @@ async def test_the_operator_guide_api_examples_run(base_url: str, tmp_path: Path
     result = await run(["bash"], script, {"TENANTRAG_URL": base_url,
                                           "TENANTRAG_ADMIN_KEY": PLATFORM_KEY}, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    patched, suspended, activated, pools, usage = json_values(result.stdout)
+    patched, suspended, activated, pools, usage, audit = json_values(result.stdout)
     assert patched["slug"] == "initech" and suspended["id"] == patched["id"]
     assert patched["tier"] == "enterprise" and patched["allow_spillover"] is True
     assert patched["monthly_token_budget"] == 50_000_000
     assert (suspended["status"], activated["status"]) == ("suspended", "active")
     assert [p["name"] for p in pools] == ["default"]  # the test's pool of the fake server
     assert usage["group_by"] == "tenant"
+    assert [e["action"] for e in audit["data"]] == [
+        "tenant.activated", "tenant.suspended", "tenant.updated", "tenant.created"]
 
 
 def json_values(text: str) -> list[Any]:

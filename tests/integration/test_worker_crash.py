@@ -26,6 +26,7 @@ from sqlalchemy import text
 from app.db.engine import Database, make_engine
 from app.db.migrate import migrate
 from app.db.models import Document, Tenant, Tier
+from app.domain.audit.records import CLI
 from app.domain.knowledge.document_service import DocumentService, IncomingFile
 from app.domain.knowledge.kb_service import KnowledgeBaseService
 from app.domain.knowledge.pipeline import LEASE_KEY_SQL, lease_key
@@ -101,7 +102,8 @@ async def test_killed_worker_mid_ingest_recovers_without_duplicates(
         async with db.platform() as s:
             tenant = Tenant(slug="crash", name="Crash", tier=Tier.pro)
             s.add(tenant)
-        kb = await KnowledgeBaseService(db).create(tenant.id, KnowledgeBaseCreate(name="kb"))
+        kb = await KnowledgeBaseService(db).create(tenant.id, KnowledgeBaseCreate(name="kb"),
+                                                   CLI)
         text = "\n\n".join(f"Paragraph {i}: the shipment {i} left dock {i % 9} carrying "
                            f"{i * 13} crates of assorted parts for the northern warehouse."
                            for i in range(PARAGRAPHS)).encode()

@@ -10,7 +10,7 @@ from litestar import Controller, Request, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
-from app.api.guards import platform_only, requires_scope, tenant_of
+from app.api.guards import actor_of, platform_only, requires_scope, tenant_of
 from app.auth.keys import Scope
 from app.domain.keys.schemas import (
     ApiKeyCreate,
@@ -39,7 +39,7 @@ class TenantKeysController(Controller):
         data: JSONBody[ApiKeyCreate],
         keys: NamedDependency[ApiKeyService],
     ) -> ApiKeyCreated:
-        return await keys.create(tenant_of(request), data)
+        return await keys.create(tenant_of(request), data, actor_of(request))
 
     @get("/", summary="List API keys")
     async def list_keys(
@@ -55,13 +55,14 @@ class TenantKeysController(Controller):
         keys: NamedDependency[ApiKeyService], data: JSONBody[ApiKeyRotate | None] = None,
     ) -> ApiKeyRotated:
         overlap = timedelta(seconds=(data or ApiKeyRotate()).overlap_s)
-        return await keys.rotate(tenant_of(request), key_id, overlap)
+        return await keys.rotate(tenant_of(request), key_id, overlap, actor_of(request))
 
     @delete("/{key_id:uuid}", status_code=200, summary="Revoke an API key")
     async def revoke(
         self, request: AnyRequest, key_id: FromPath[uuid.UUID], keys: NamedDependency[ApiKeyService]
     ) -> ApiKeyOut:
-        return ApiKeyOut.model_validate(await keys.revoke(tenant_of(request), key_id))
+        key = await keys.revoke(tenant_of(request), key_id, actor_of(request))
+        return ApiKeyOut.model_validate(key)
 
 
 class PlatformKeysController(Controller):
@@ -74,11 +75,12 @@ class PlatformKeysController(Controller):
     @post("/", summary="Create an API key for a tenant (the secret is shown once)")
     async def create(
         self,
+        request: AnyRequest,
         tenant_id: FromPath[uuid.UUID],
         data: JSONBody[ApiKeyCreate],
         keys: NamedDependency[ApiKeyService],
     ) -> ApiKeyCreated:
-        return await keys.create(tenant_id, data)
+        return await keys.create(tenant_id, data, actor_of(request))
 
     @get("/", summary="List a tenant's API keys")
     async def list_keys(
@@ -89,17 +91,18 @@ class PlatformKeysController(Controller):
     @post("/{key_id:uuid}/rotate", status_code=201,
           summary="Replace a tenant's key; the old one works for an overlap window")
     async def rotate(
-        self, tenant_id: FromPath[uuid.UUID], key_id: FromPath[uuid.UUID],
+        self, request: AnyRequest, tenant_id: FromPath[uuid.UUID], key_id: FromPath[uuid.UUID],
         keys: NamedDependency[ApiKeyService], data: JSONBody[ApiKeyRotate | None] = None,
     ) -> ApiKeyRotated:
         overlap = timedelta(seconds=(data or ApiKeyRotate()).overlap_s)
-        return await keys.rotate(tenant_id, key_id, overlap)
+        return await keys.rotate(tenant_id, key_id, overlap, actor_of(request))
 
     @delete("/{key_id:uuid}", status_code=200, summary="Revoke a tenant's API key")
     async def revoke(
         self,
+        request: AnyRequest,
         tenant_id: FromPath[uuid.UUID],
         key_id: FromPath[uuid.UUID],
         keys: NamedDependency[ApiKeyService],
     ) -> ApiKeyOut:
-        return ApiKeyOut.model_validate(await keys.revoke(tenant_id, key_id))
+        return ApiKeyOut.model_validate(await keys.revoke(tenant_id, key_id, actor_of(request)))

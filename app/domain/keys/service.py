@@ -10,6 +10,7 @@ from sqlmodel import col, select
 from app.auth.keys import hash_key, mint_key
 from app.db.engine import Database
 from app.db.models import ApiKey, Tenant, utcnow
+from app.domain.audit.records import AuditAction, record_audit
 from app.domain.keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, ApiKeyRotated
 from app.errors import ConflictError, NotFoundError
 
@@ -21,7 +22,8 @@ class ApiKeyService:
         self.db = db
         self.pepper = pepper
 
-    async def create(self, tenant_id: uuid.UUID, data: ApiKeyCreate) -> ApiKeyCreated:
+    async def create(self, tenant_id: uuid.UUID, data: ApiKeyCreate,
+                     actor: str) -> ApiKeyCreated:
         """Mint a key; the plaintext is in the result and nowhere else."""
         new = mint_key()
         key = ApiKey(
@@ -35,6 +37,8 @@ class ApiKeyService:
             if await session.get(Tenant, tenant_id) is None:
                 raise NotFoundError(f"tenant {tenant_id} not found")
             session.add(key)
+            record_audit(session, tenant_id, actor, AuditAction.key_created, ("api_key", key.id),
+                         {"name": key.name, "prefix": key.prefix, "scopes": key.scopes})
         out = ApiKeyOut.model_validate(key)
         return ApiKeyCreated(**out.model_dump(), key=new.plaintext)
 
@@ -45,7 +49,7 @@ class ApiKeyService:
             return list((await session.exec(query)).all())
 
     async def rotate(self, tenant_id: uuid.UUID, key_id: uuid.UUID,
-                     overlap: timedelta) -> ApiKeyRotated:
+                     overlap: timedelta, actor: str) -> ApiKeyRotated:
         """Mint a replacement with the same name and scopes; the old key keeps working
         for ``overlap`` (so clients can switch without downtime), then stops."""
         new = mint_key()
@@ -62,11 +66,15 @@ class ApiKeyService:
                                  secret_hash=hash_key(new.plaintext, self.pepper),
                                  scopes=list(old.scopes))
             session.add_all([old, replacement])
+            record_audit(session, tenant_id, actor, AuditAction.key_rotated, ("api_key", old.id),
+                         {"name": old.name, "prefix": old.prefix, "replaced_by": replacement.id,
+                          "replacement_prefix": replacement.prefix,
+                          "old_key_expires_at": old.expires_at})
         out = ApiKeyOut.model_validate(replacement)
         return ApiKeyRotated(**out.model_dump(), key=new.plaintext, replaces=old.id,
                              old_key_expires_at=old.expires_at)
 
-    async def revoke(self, tenant_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey:
+    async def revoke(self, tenant_id: uuid.UUID, key_id: uuid.UUID, actor: str) -> ApiKey:
         """Revoke a key; every later request with it is refused. Idempotent."""
         async with self.db.tenant(tenant_id) as session:
             key = await session.get(ApiKey, key_id, with_for_update=True)
@@ -75,4 +83,6 @@ class ApiKeyService:
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
                 session.add(key)
+                record_audit(session, tenant_id, actor, AuditAction.key_revoked,
+                             ("api_key", key.id), {"name": key.name, "prefix": key.prefix})
         return key

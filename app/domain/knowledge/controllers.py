@@ -10,7 +10,7 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from app.api.guards import requires_scope, tenant_of
+from app.api.guards import actor_of, requires_scope, tenant_of
 from app.api.openapi import problems
 from app.api.paging import Offset
 from app.api.uploads import read_upload
@@ -47,7 +47,7 @@ class KnowledgeBaseController(Controller):
         self, request: AnyRequest, data: JSONBody[KnowledgeBaseCreate],
         kbs: NamedDependency[KnowledgeBaseService],
     ) -> KnowledgeBaseOut:
-        return await kbs.create(tenant_of(request), data)
+        return await kbs.create(tenant_of(request), data, actor_of(request))
 
     @get("/", guards=[KB_READ], summary="List knowledge bases")
     async def list_kbs(
@@ -68,14 +68,14 @@ class KnowledgeBaseController(Controller):
         self, request: AnyRequest, kb_id: FromPath[uuid.UUID],
         data: JSONBody[KnowledgeBaseUpdate], kbs: NamedDependency[KnowledgeBaseService],
     ) -> KnowledgeBaseOut:
-        return await kbs.update(tenant_of(request), kb_id, data)
+        return await kbs.update(tenant_of(request), kb_id, data, actor_of(request))
 
     @delete("/{kb_id:uuid}", guards=[KB_WRITE], summary="Delete with all its documents")
     async def delete_kb(
         self, request: AnyRequest, kb_id: FromPath[uuid.UUID],
         kbs: NamedDependency[KnowledgeBaseService],
     ) -> None:
-        await kbs.delete(tenant_of(request), kb_id)
+        await kbs.delete(tenant_of(request), kb_id, actor_of(request))
 
     @post("/{kb_id:uuid}/documents", guards=[DOCS], summary="Upload documents",
           status_code=202, responses={
@@ -123,4 +123,4 @@ class KnowledgeBaseController(Controller):
         self, request: AnyRequest, kb_id: FromPath[uuid.UUID], doc_id: FromPath[uuid.UUID],
         documents: NamedDependency[DocumentService],
     ) -> None:
-        await documents.delete(tenant_of(request), kb_id, doc_id)
+        await documents.delete(tenant_of(request), kb_id, doc_id, actor_of(request))

@@ -18,6 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import Document, DocumentContent, DocumentStatus, Tenant, utcnow
+from app.domain.audit.records import AuditAction, record_audit
 from app.domain.knowledge import unsettled
 from app.domain.knowledge.kb_service import get_kb
 from app.domain.tenants.limits import effective_limit
@@ -165,7 +166,8 @@ class DocumentService:
         async with self.db.tenant(tenant_id) as session:
             return await _get_document(session, kb_id, doc_id)
 
-    async def delete(self, tenant_id: uuid.UUID, kb_id: uuid.UUID, doc_id: uuid.UUID) -> None:
+    async def delete(self, tenant_id: uuid.UUID, kb_id: uuid.UUID, doc_id: uuid.UUID,
+                     actor: str) -> None:
         """Delete the document now; its vectors are removed by a queued job. Retrieval
         only matches documents that exist here, so it is never retrieved again."""
         async with self.db.tenant(tenant_id) as session:
@@ -173,6 +175,10 @@ class DocumentService:
             await unsettled.mark(session, tenant_id, doc_id, unsettled.DOCUMENT, kb_id)
             await session.delete(doc)
             enqueue(session, tenant_id, DELETE_DOCUMENT_POINTS, document_id=str(doc_id))
+            record_audit(session, tenant_id, actor, AuditAction.document_deleted,
+                         ("document", doc_id), {"kb_id": kb_id, "filename": doc.filename,
+                                                "external_id": doc.external_id,
+                                                "version": doc.version})
 
 
 async def _get_document(

@@ -11,6 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import Document, KnowledgeBase, utcnow
+from app.domain.audit.records import AuditAction, changed_fields, record_audit
 from app.domain.knowledge import unsettled
 from app.domain.knowledge.schemas import (
     KnowledgeBaseCreate,
@@ -19,6 +20,8 @@ from app.domain.knowledge.schemas import (
 )
 from app.errors import ConflictError, InvalidInputError, NotFoundError
 from app.outbox import DELETE_KB_POINTS, enqueue
+
+KB_TARGET = "knowledge_base"
 
 
 async def get_kb(session: AsyncSession, kb_id: uuid.UUID, lock: bool = False) -> KnowledgeBase:
@@ -35,12 +38,15 @@ class KnowledgeBaseService:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def create(self, tenant_id: uuid.UUID, data: KnowledgeBaseCreate) -> KnowledgeBaseOut:
+    async def create(self, tenant_id: uuid.UUID, data: KnowledgeBaseCreate,
+                     actor: str) -> KnowledgeBaseOut:
         """Create a knowledge base; names are unique within a tenant."""
         kb = KnowledgeBase(tenant_id=tenant_id, name=data.name, description=data.description)
         try:
             async with self.db.tenant(tenant_id) as session:
                 session.add(kb)
+                record_audit(session, tenant_id, actor, AuditAction.knowledge_base_created,
+                             (KB_TARGET, kb.id), {"name": kb.name, "description": kb.description})
         except IntegrityError as exc:
             raise ConflictError(f"a knowledge base named {data.name!r} already exists") from exc
         return KnowledgeBaseOut.model_validate(kb)
@@ -71,24 +77,31 @@ class KnowledgeBaseService:
         return _out(kb, n)
 
     async def update(
-        self, tenant_id: uuid.UUID, kb_id: uuid.UUID, data: KnowledgeBaseUpdate
+        self, tenant_id: uuid.UUID, kb_id: uuid.UUID, data: KnowledgeBaseUpdate, actor: str
     ) -> KnowledgeBaseOut:
-        """Rename and/or re-describe."""
+        """Rename and/or re-describe (audited as ``knowledge_base.renamed`` when the name
+        changes, else ``knowledge_base.updated``; nothing when nothing changes)."""
         changes = data.model_dump(include=data.model_fields_set)
         if changes.get("name", "") is None or changes.get("description", "") is None:
             raise InvalidInputError("name and description cannot be null")
         try:
             async with self.db.tenant(tenant_id) as session:
                 kb = await get_kb(session, kb_id, lock=True)
+                changed = changed_fields(kb, changes)
                 for field, value in changes.items():
                     setattr(kb, field, value)
                 kb.updated_at = utcnow()
                 session.add(kb)
+                if changed:
+                    action = (AuditAction.knowledge_base_renamed if "name" in changed
+                              else AuditAction.knowledge_base_updated)
+                    record_audit(session, tenant_id, actor, action, (KB_TARGET, kb_id),
+                                 {"changes": changed})
         except IntegrityError as exc:
             raise ConflictError(f"a knowledge base named {data.name!r} already exists") from exc
         return await self.get(tenant_id, kb_id)
 
-    async def delete(self, tenant_id: uuid.UUID, kb_id: uuid.UUID) -> None:
+    async def delete(self, tenant_id: uuid.UUID, kb_id: uuid.UUID, actor: str) -> None:
         """Delete the knowledge base, its documents and (asynchronously) their vectors.
 
         The knowledge base joins the unsettled set in the same transaction, so search
@@ -96,8 +109,13 @@ class KnowledgeBaseService:
         """
         async with self.db.tenant(tenant_id) as session:
             kb = await get_kb(session, kb_id, lock=True)
+            documents = (await session.exec(
+                select(func.count()).select_from(Document).where(Document.kb_id == kb_id)
+            )).one()
             await unsettled.mark(session, tenant_id, kb_id, unsettled.KB, kb_id)
             await session.delete(kb)
+            record_audit(session, tenant_id, actor, AuditAction.knowledge_base_deleted,
+                         (KB_TARGET, kb_id), {"name": kb.name, "documents": documents})
             enqueue(session, tenant_id, DELETE_KB_POINTS, kb_id=str(kb_id))
 
 

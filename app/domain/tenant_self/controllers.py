@@ -13,7 +13,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict
 
-from app.api.guards import requires_scope, tenant_of
+from app.api.guards import actor_of, requires_scope, tenant_of
 from app.api.paging import Offset
 from app.auth.keys import Scope
 from app.auth.principal import TenantPrincipal
@@ -140,8 +140,7 @@ async def get_system_prompt(request: AnyRequest,
 async def put_system_prompt(request: AnyRequest, data: JSONBody[SystemPromptUpdate],
                             prompts: NamedDependency[PromptService]) -> SystemPromptOut:
     """A changed text becomes a new version, recorded with the key that set it."""
-    p: TenantPrincipal = request.user
-    tenant, newest = await prompts.update(tenant_of(request), f"key:{p.key_id}", data.text,
+    tenant, newest = await prompts.update(tenant_of(request), actor_of(request), data.text,
                                           data.system_message_policy)
     return _prompt_out(tenant, newest)
 

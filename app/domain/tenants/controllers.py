@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, get, patch, post
+from litestar import Controller, Request, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from app.api.guards import platform_only
+from app.api.guards import actor_of, platform_only
 from app.api.openapi import problems
 from app.api.paging import Offset
 from app.db.models import TenantStatus
 from app.domain.tenants.schemas import TenantCreate, TenantOut, TenantPage, TenantUpdate
 from app.domain.tenants.service import TenantService
 
+AnyRequest = Request[Any, Any, Any]
 
 class TenantAdminController(Controller):
     """Create, list, read, update, suspend and reactivate tenants."""
@@ -26,9 +27,10 @@ class TenantAdminController(Controller):
 
     @post("/", summary="Create a tenant", responses=problems(409, 422))
     async def create(
-        self, data: JSONBody[TenantCreate], tenants: NamedDependency[TenantService]
+        self, request: AnyRequest, data: JSONBody[TenantCreate],
+        tenants: NamedDependency[TenantService],
     ) -> TenantOut:
-        return TenantOut.model_validate(await tenants.create(data))
+        return TenantOut.model_validate(await tenants.create(data, actor_of(request)))
 
     @get("/", summary="List tenants")
     async def list_tenants(
@@ -52,22 +54,25 @@ class TenantAdminController(Controller):
            responses=problems(409, 422))
     async def update(
         self,
+        request: AnyRequest,
         tenant_id: FromPath[uuid.UUID],
         data: JSONBody[TenantUpdate],
         tenants: NamedDependency[TenantService],
     ) -> TenantOut:
-        return TenantOut.model_validate(await tenants.update(tenant_id, data))
+        return TenantOut.model_validate(await tenants.update(tenant_id, data, actor_of(request)))
 
     @post("/{tenant_id:uuid}/suspend", status_code=200, summary="Suspend a tenant")
     async def suspend(
-        self, tenant_id: FromPath[uuid.UUID], tenants: NamedDependency[TenantService]
+        self, request: AnyRequest, tenant_id: FromPath[uuid.UUID],
+        tenants: NamedDependency[TenantService],
     ) -> TenantOut:
-        tenant = await tenants.set_status(tenant_id, TenantStatus.suspended)
+        tenant = await tenants.set_status(tenant_id, TenantStatus.suspended, actor_of(request))
         return TenantOut.model_validate(tenant)
 
     @post("/{tenant_id:uuid}/activate", status_code=200, summary="Reactivate a tenant")
     async def activate(
-        self, tenant_id: FromPath[uuid.UUID], tenants: NamedDependency[TenantService]
+        self, request: AnyRequest, tenant_id: FromPath[uuid.UUID],
+        tenants: NamedDependency[TenantService],
     ) -> TenantOut:
-        tenant = await tenants.set_status(tenant_id, TenantStatus.active)
+        tenant = await tenants.set_status(tenant_id, TenantStatus.active, actor_of(request))
         return TenantOut.model_validate(tenant)

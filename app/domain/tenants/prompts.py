@@ -7,6 +7,7 @@ The current text also lives on ``tenants.system_prompt`` (what the chat path rea
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -14,9 +15,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import SystemMessagePolicy, SystemPromptVersion, Tenant, utcnow
+from app.domain.audit.records import AuditAction, record_audit
 from app.errors import NotFoundError
-
-OPERATOR = "operator"
 
 
 async def record_prompt(session: AsyncSession, tenant: Tenant, text: str,
@@ -31,6 +31,23 @@ async def record_prompt(session: AsyncSession, tenant: Tenant, text: str,
     session.add(version)
     tenant.system_prompt = text
     return version
+
+
+async def change_prompt(session: AsyncSession, tenant: Tenant, text: str | None,
+                        policy: SystemMessagePolicy | None, by: str) -> None:
+    """Apply a new prompt (a new version) and/or policy where they differ from the
+    tenant's (row locked by the caller), audited as one ``system_prompt.changed`` with
+    the new version's number and the policy's old and new value."""
+    changed: dict[str, Any] = {}
+    if text is not None and text != tenant.system_prompt:
+        changed["version"] = (await record_prompt(session, tenant, text, by)).version
+    if policy is not None and policy != tenant.system_message_policy:
+        changed["system_message_policy"] = {"from": tenant.system_message_policy,
+                                            "to": policy}
+        tenant.system_message_policy = policy
+    if changed:
+        record_audit(session, tenant.id, by, AuditAction.system_prompt_changed,
+                     ("tenant", tenant.id), changed)
 
 
 class PromptService:
@@ -56,10 +73,7 @@ class PromptService:
         """Set a new prompt (a new version) and/or the policy."""
         async with self.db.tenant(tenant_id) as session:
             tenant = await _tenant(session, tenant_id, lock=True)
-            if text is not None and text != tenant.system_prompt:
-                await record_prompt(session, tenant, text, by)
-            if policy is not None:
-                tenant.system_message_policy = policy
+            await change_prompt(session, tenant, text, policy, by)
             tenant.updated_at = utcnow()
             session.add(tenant)
         return await self.current(tenant_id)

@@ -1,0 +1,1 @@
+"""The audit log: admin actions and key operations, recorded with the change itself."""
