@@ -6,6 +6,7 @@ Outside the ``dev`` and ``test`` environments, default or missing secrets are re
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -112,6 +113,18 @@ class AuthSettings(BaseSettings):
     # Resolved tenant keys are reused this long; revocations and tenant changes reach
     # every process at once through PostgreSQL NOTIFY (0 = look up every request).
     cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
+    # Embed tokens (browsers): signed with this key (default: derived from the pepper),
+    # valid for at most this long.
+    embed_signing_key: SecretStr | None = None
+    embed_default_ttl_s: int = Field(default=900, ge=30)
+    embed_max_ttl_s: int = Field(default=3600, ge=30, le=86400)
+
+    def embed_key(self) -> bytes:
+        """The embed tokens' HMAC key."""
+        if self.embed_signing_key is not None:
+            return self.embed_signing_key.get_secret_value().encode()
+        return hashlib.sha256(b"embed-tokens:" + self.key_pepper.get_secret_value().encode()
+                              ).digest()
 
 
 class IngestSettings(BaseSettings):
@@ -294,6 +307,9 @@ class Settings(BaseSettings):
             problems.append("AUTH_KEY_PEPPER must be set to a random secret in production")
         elif len(self.auth.key_pepper.get_secret_value()) < 32:
             problems.append("AUTH_KEY_PEPPER must be at least 32 characters")
+        embed_key = self.auth.embed_signing_key
+        if embed_key is not None and len(embed_key.get_secret_value()) < 32:
+            problems.append("AUTH_EMBED_SIGNING_KEY must be at least 32 characters")
         admin = self.auth.platform_admin_key
         if admin is None or len(admin.get_secret_value()) < 32:
             problems.append("AUTH_PLATFORM_ADMIN_KEY must be set (at least 32 characters)")

@@ -18,17 +18,31 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from app.api.auth import PUBLIC_PATHS, ApiKeyMiddleware
+from app.api.cors import AllowedOrigins, CorsMiddleware
 from app.api.openapi import document_problems
 from app.api.problems import EXCEPTION_HANDLERS
 from app.api.request_context import request_middleware
 from app.auth.authenticator import ApiKeyAuthenticator
 from app.auth.cache import CredentialCache, CredentialChangeListener, credential_owner
+from app.auth.embed import EmbedTokenSigner
 from app.db.engine import Database, make_engine
 from app.domain.audit.controllers import admin_audit, tenant_audit
 from app.domain.audit.service import AuditService
 from app.domain.chat.controllers import ConversationController, chat_completions
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.service import ChatService
+from app.domain.content_rules.controllers import (
+    get_content_rules,
+    list_content_rule_hits,
+    put_content_rules,
+)
+from app.domain.content_rules.service import ContentRulesService
+from app.domain.embed.controllers import (
+    get_embed_settings,
+    mint_embed_token,
+    put_embed_settings,
+)
+from app.domain.embed.service import EmbedService
 from app.domain.keys.controllers import PlatformKeysController, TenantKeysController
 from app.domain.keys.service import ApiKeyService
 from app.domain.knowledge.controllers import KnowledgeBaseController
@@ -101,8 +115,11 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
                 await dispatcher.start()
                 stack.push_async_callback(dispatcher.close)
             admin_key = settings.auth.platform_admin_key
+            embed_signer = EmbedTokenSigner(settings.auth.embed_key())
             credentials = CredentialCache(settings.auth.cache_ttl_s)
             db.on_commit(credential_owner, credentials.drop_tenants)  # this process: at once
+            allowed_origins = AllowedOrigins(db)
+            db.on_commit(credential_owner, allowed_origins.invalidate)
             if settings.auth.cache_ttl_s > 0:
                 listener = CredentialChangeListener(
                     "postgresql://" + settings.database.application_url().partition("://")[2],
@@ -116,6 +133,7 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             app.state.update(
                 db=db, redis=redis, vector_store=vector_store, models=loaded,
                 dispatcher=dispatcher, metrics=metrics, usage_writer=usage_writer,
+                allowed_origins=allowed_origins, embed_signer=embed_signer,
                 limiter=RateLimiter(redis, namespace=f"{settings.worker.namespace}:q",
                                     lease_ttl_s=settings.quota.lease_ttl_s,
                                     fail_open=settings.quota.fail_open),
@@ -124,6 +142,7 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
                     db, settings.auth.key_pepper.get_secret_value(),
                     admin_key.get_secret_value() if admin_key else None,
                     timedelta(seconds=settings.auth.last_used_resolution_s), credentials,
+                    embed_signer,
                 ),
             )
             for extra in extras:
@@ -163,6 +182,17 @@ def provide_settings(state: State) -> Settings:
     """The process's settings."""
     settings: Settings = state.settings
     return settings
+
+
+def provide_content_rules(state: State) -> ContentRulesService:
+    """The tenant's content rules."""
+    return ContentRulesService(state.db)
+
+
+def provide_embed(state: State) -> EmbedService:
+    """Embed tokens and allowed origins."""
+    settings: Settings = state.settings
+    return EmbedService(state.db, state.embed_signer, settings.auth)
 
 
 def provide_prompts(state: State) -> PromptService:
@@ -209,7 +239,7 @@ def provide_chat(state: State) -> ChatService:
     return ChatService(provide_search(state), ConversationService(state.db),
                        provide_dispatcher(state), settings.llm, settings.chat,
                        UsageService(state.db, state.usage_writer), state.limiter,
-                       state.metrics)
+                       state.metrics, ContentRulesService(state.db))
 
 
 def create_app(
@@ -233,7 +263,9 @@ def create_app(
                         retrieve, chat_completions, ConversationController,
                         get_system_prompt, put_system_prompt, list_system_prompt_versions,
                         list_pools, tenant_usage, admin_usage, prometheus_metrics,
-                        tenant_audit, admin_audit],
+                        tenant_audit, admin_audit,
+                        mint_embed_token, get_embed_settings, put_embed_settings,
+                        get_content_rules, put_content_rules, list_content_rule_hits],
         dependencies={
             "tenants": Provide(provide_tenants, sync_to_thread=False),
             "keys": Provide(provide_keys, sync_to_thread=False),
@@ -242,12 +274,14 @@ def create_app(
             "search": Provide(provide_search, sync_to_thread=False),
             "settings": Provide(provide_settings, sync_to_thread=False),
             "prompts": Provide(provide_prompts, sync_to_thread=False),
+            "embed": Provide(provide_embed, sync_to_thread=False),
+            "content": Provide(provide_content_rules, sync_to_thread=False),
             "audit": Provide(provide_audit, sync_to_thread=False),
             "conversations": Provide(provide_conversations, sync_to_thread=False),
             "chat": Provide(provide_chat, sync_to_thread=False),
             "dispatcher": Provide(provide_dispatcher, sync_to_thread=False),
         },
-        middleware=[*request_middleware(settings),
+        middleware=[*request_middleware(settings), CorsMiddleware,  # preflights: no key
                     DefineMiddleware(ApiKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[_lifespan(settings, extra_lifespans, models)],
@@ -257,5 +291,7 @@ def create_app(
         debug=False,
         logging_config=None,  # the process's logging is app/logs.py's (JSON lines, ids)
     )
+    document_problems(app)
+    return app
     document_problems(app)
     return app

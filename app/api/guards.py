@@ -10,12 +10,14 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from app.auth.keys import Scope
-from app.auth.principal import PlatformPrincipal, TenantPrincipal
+from app.auth.principal import EmbedPrincipal, PlatformPrincipal, TenantPrincipal
 from app.db.models import Tenant
 from app.domain.audit.records import OPERATOR, key_actor
 from app.errors import AuthenticationError, PermissionDeniedError
 
 # Guards are coroutines: Litestar runs a plain function guard in a worker thread.
+EMBED_ONLY_CHATS = ("an embed token may only chat: POST /v1/chat/completions, "
+                    "GET /v1/models and the end user's own /v1/conversations")
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
 
@@ -31,6 +33,8 @@ def requires_scope(*scopes: Scope) -> Guard:
 
     async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         user = connection.user
+        if isinstance(user, EmbedPrincipal):
+            raise PermissionDeniedError(EMBED_ONLY_CHATS)
         if isinstance(user, PlatformPrincipal):
             raise PermissionDeniedError(
                 "this route needs a tenant API key; the operator uses /admin/tenants/..."
@@ -51,6 +55,8 @@ def requires_scope(*scopes: Scope) -> Guard:
 def tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> uuid.UUID:
     """The authenticated tenant's id (guards have already ensured there is one)."""
     user = connection.user
+    if isinstance(user, EmbedPrincipal):
+        raise PermissionDeniedError(EMBED_ONLY_CHATS)
     if not isinstance(user, TenantPrincipal):
         raise AuthenticationError("an API key is required")
     return user.tenant_id
@@ -70,4 +76,36 @@ def tenant_row(connection: ASGIConnection[Any, Any, Any, Any]) -> Tenant | None:
     """The tenant row read when the caller's key was checked (fresh to within the
     credential cache's TTL, and dropped whenever the tenant changes), if there is one."""
     user = connection.user
-    return user.tenant if isinstance(user, TenantPrincipal) else None
+    return user.tenant if isinstance(user, TenantPrincipal | EmbedPrincipal) else None
+
+
+_CHAT_SCOPE = requires_scope(Scope.chat)
+
+
+async def chat_or_embed(connection: ASGIConnection[Any, Any, Any, Any],
+                        handler: BaseRouteHandler) -> None:
+    """A tenant key with the ``chat`` scope, or an embed token used from one of its
+    tenant's allowed origins (a browser page elsewhere gets 403)."""
+    user = connection.user
+    if not isinstance(user, EmbedPrincipal):
+        await _CHAT_SCOPE(connection, handler)
+        return
+    origin = connection.headers.get("origin")
+    allowed = user.tenant.cors_origins if user.tenant is not None else []
+    if origin is not None and origin not in allowed:
+        raise PermissionDeniedError(f"pages on {origin} may not use this tenant's embed "
+                                    "tokens (see the tenant's allowed origins)", origin=origin)
+
+
+def chat_tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> uuid.UUID:
+    """The tenant of a chat caller: a tenant key's or an embed token's."""
+    user = connection.user
+    if isinstance(user, EmbedPrincipal):
+        return user.tenant_id
+    return tenant_of(connection)
+
+
+def embed_of(connection: ASGIConnection[Any, Any, Any, Any]) -> EmbedPrincipal | None:
+    """The embed token's principal, when the caller is a browser holding one."""
+    user = connection.user
+    return user if isinstance(user, EmbedPrincipal) else None

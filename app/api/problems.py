@@ -11,6 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
+from app.api.cors import cors_headers, error_origin_var
 from app.errors import (
     AuthenticationError,
     BadRequestError,
@@ -61,6 +62,9 @@ def problem(status: int, title: str, detail: str, code: str, **extra: Any) -> Re
     request_id = request_id_var.get()  # also on errors answered outside the middleware
     if request_id is not None:
         headers["X-Request-Id"] = request_id
+    origin = error_origin_var.get()  # a browser page allowed to read why it failed
+    if origin is not None:
+        headers.update(cors_headers(origin))
     retry_after = extra.get("retry_after_s")
     if isinstance(retry_after, int | float):  # 429 and 503 tell the client when to retry
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))

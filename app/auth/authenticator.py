@@ -8,14 +8,22 @@ refused on the next request in every process.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.auth.cache import CredentialCache
+from app.auth.embed import EmbedClaims, EmbedTokenSigner, looks_like_jwt
 from app.auth.keys import ParsedKey, Scope, hash_key, key_matches, parse_key
-from app.auth.principal import PlatformPrincipal, Principal, TenantPrincipal
+from app.auth.principal import (
+    CachedPrincipal,
+    EmbedPrincipal,
+    PlatformPrincipal,
+    Principal,
+    TenantPrincipal,
+)
 from app.db.engine import Database
 from app.db.models import ApiKey, Tenant, TenantStatus, utcnow
 from app.errors import AuthenticationError, TenantSuspendedError
@@ -28,30 +36,60 @@ class ApiKeyAuthenticator:
 
     def __init__(self, db: Database, pepper: str, platform_key: str | None,
                  last_used_resolution: timedelta, cache: CredentialCache | None = None,
-                 ) -> None:
+                 embed: EmbedTokenSigner | None = None) -> None:
         self.db = db
         self.pepper = pepper
         self._platform_hash = hash_key(platform_key, pepper) if platform_key else None
         self.last_used_resolution = last_used_resolution
         self.cache = cache
+        self.embed = embed
 
     async def authenticate(self, presented: str) -> Principal:
         """The principal for a key, or AuthenticationError / TenantSuspendedError."""
         digest = hash_key(presented, self.pepper)
         if self._platform_hash is not None and hmac.compare_digest(digest, self._platform_hash):
             return PlatformPrincipal()
+        if looks_like_jwt(presented) and self.embed is not None:
+            claims = self.embed.verify(presented)  # signature and expiry, no I/O
+            return await self._cached(digest, lambda: self._embed_lookup(claims))
         parsed = parse_key(presented)
         if parsed is None:
             raise AuthenticationError(MALFORMED)
+        return await self._cached(digest, lambda: self._lookup(parsed))
+
+    async def _cached(self, digest: str,
+                      lookup: Callable[[], Awaitable[CachedPrincipal]]) -> CachedPrincipal:
         if self.cache is None:
-            return await self._lookup(parsed)
+            return await lookup()
         cached = self.cache.get(digest)
         if cached is not None:
             return cached
         generation = self.cache.generation
-        principal = await self._lookup(parsed)
+        principal = await lookup()
         self.cache.put(digest, principal, generation)
         return principal
+
+    async def _embed_lookup(self, claims: EmbedClaims) -> EmbedPrincipal:
+        """An embed token's principal: its minting key and tenant must still be good."""
+        async with self.db.platform() as session:
+            query = (select(ApiKey, Tenant)
+                     .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
+                     .where(col(ApiKey.id) == claims.key_id,
+                            col(ApiKey.tenant_id) == claims.tenant_id))
+            row = (await session.exec(query)).first()
+        if row is None:
+            raise AuthenticationError("this embed token's key no longer exists")
+        key, tenant = row
+        try:
+            self._check_usable(key, tenant)
+        except AuthenticationError as exc:
+            raise AuthenticationError(f"the key that minted this embed token is no longer "
+                                      f"valid: {exc.detail}") from exc
+        expires = min(claims.expires_at, key.expires_at) if key.expires_at \
+            else claims.expires_at
+        return EmbedPrincipal(tenant_id=tenant.id, tenant_slug=tenant.slug, tier=tenant.tier,
+                              key_id=key.id, end_user=claims.end_user, kb_ids=claims.kb_ids,
+                              tenant=tenant, expires_at=expires)
 
     async def _lookup(self, parsed: ParsedKey) -> TenantPrincipal:
         """The key's principal, read from PostgreSQL (and its use recorded)."""

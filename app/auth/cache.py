@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from app.auth.principal import TenantPrincipal
+from app.auth.principal import CachedPrincipal
 from app.db.models import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,9 @@ class CredentialCache:
         self.max_entries = max_entries
         self.listening = False  # set by the listener; nothing is served without it
         self.generation = 0  # bumped by every drop: a lookup started before it is stale
-        self._entries: dict[str, tuple[float, TenantPrincipal]] = {}
+        self._entries: dict[str, tuple[float, CachedPrincipal]] = {}
 
-    def get(self, digest: str) -> TenantPrincipal | None:
+    def get(self, digest: str) -> CachedPrincipal | None:
         """The cached principal, if fresh and the cache is trustworthy now."""
         if not self.listening:
             return None
@@ -53,7 +53,7 @@ class CredentialCache:
             return None
         return entry[1]
 
-    def put(self, digest: str, principal: TenantPrincipal, generation: int) -> None:
+    def put(self, digest: str, principal: CachedPrincipal, generation: int) -> None:
         """Remember a principal looked up at ``generation`` (ignored if anything was
         dropped since: the lookup may predate the change)."""
         if not self.listening or self.ttl_s <= 0 or generation != self.generation:

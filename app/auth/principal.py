@@ -26,10 +26,26 @@ class TenantPrincipal:
 
 
 @dataclass(frozen=True)
+class EmbedPrincipal:
+    """A browser holding an embed token: one end user of one tenant, chat only, on the
+    token's knowledge bases."""
+
+    tenant_id: uuid.UUID
+    tenant_slug: str
+    tier: Tier
+    key_id: uuid.UUID  # the key that minted the token
+    end_user: str
+    kb_ids: frozenset[uuid.UUID]
+    tenant: Tenant | None = field(default=None, compare=False, repr=False)
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class PlatformPrincipal:
     """The platform operator."""
 
     name: str = "platform-admin"
 
 
-Principal = TenantPrincipal | PlatformPrincipal
+Principal = TenantPrincipal | EmbedPrincipal | PlatformPrincipal
+CachedPrincipal = TenantPrincipal | EmbedPrincipal

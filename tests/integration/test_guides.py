@@ -144,6 +144,7 @@ async def test_the_chat_ui_guide_examples_answer_with_citations(
                       + code_blocks("chat-ui.md", "sh"), env, tmp_path)
     assert shell.returncode == 0, shell.stderr[-3000:]
     assert '"citations":[{' in shell.stdout and shell.stdout.rstrip().endswith("data: [DONE]")
+    assert "embed answer: stop ['faq.md']" in shell.stdout  # a browser's token chatted
 
     node = required_tool("node", "apt-get install nodejs")
     js = await run([node, "--input-type=module"], code_blocks("chat-ui.md", "js"), env,

@@ -14,19 +14,18 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict
 
-from app.api.guards import requires_scope, tenant_of, tenant_row
+from app.api.guards import chat_or_embed, chat_tenant_of, embed_of, tenant_row
 from app.api.openapi import also_answering, problems
 from app.api.paging import Offset
-from app.auth.keys import Scope
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.schemas import ChatCompletionRequest
 from app.domain.chat.service import ChatService
 from app.domain.tenants.service import TenantService
-from app.errors import BadRequestError
+from app.errors import BadRequestError, PermissionDeniedError
 
 AnyRequest = Request[Any, Any, Any]
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
-CHAT = requires_scope(Scope.chat)
+CHAT = chat_or_embed
 EndUser = Annotated[str, QueryParameter(max_length=256,
                                         description="The end user (the chat request's `user`)")]
 
@@ -44,8 +43,13 @@ async def chat_completions(
     chat: NamedDependency[ChatService], tenants: NamedDependency[TenantService],
 ) -> Response[Any]:
     """Answer with citations, streamed or whole."""
-    tenant = tenant_row(request) or await tenants.get_own(tenant_of(request))
-    prepared = await chat.prepare(tenant, data, _request_id(request))
+    tenant = tenant_row(request) or await tenants.get_own(chat_tenant_of(request))
+    prepared = await chat.prepare(tenant, _within_embed_scope(request, data),
+                                  _request_id(request))
+    if prepared.refused:  # the message breaks the tenant's content rules
+        if data.stream:
+            return Stream(chat.refusal_stream(tenant, prepared), media_type="text/event-stream")
+        return Response(chat.refusal(tenant, prepared))
     await chat.admit(tenant, prepared)  # 429 here: rate limits, concurrency, budget
     headers = prepared.ticket.headers if prepared.ticket else {}
     gone = _disconnected(request)  # a request waiting for a slot leaves the queue
@@ -56,6 +60,31 @@ async def chat_completions(
                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                **headers})
     return Response(await chat.complete(tenant, prepared, gone), headers=headers)
+
+
+def _within_embed_scope(request: AnyRequest,
+                        data: ChatCompletionRequest) -> ChatCompletionRequest:
+    """An embed token chats as its end user, on its knowledge bases only."""
+    embed = embed_of(request)
+    if embed is None:
+        return data
+    if data.user is not None and data.user != embed.end_user:
+        raise PermissionDeniedError("this embed token is for another end user")
+    kbs = data.knowledge_base_ids
+    if kbs is not None and not set(kbs) <= embed.kb_ids:
+        raise PermissionDeniedError("this embed token does not cover these knowledge bases")
+    return data.model_copy(update={"user": embed.end_user,
+                                   "knowledge_base_ids": kbs or sorted(embed.kb_ids)})
+
+
+def _end_user(request: AnyRequest, user: str) -> str:
+    """The end user whose conversations are asked for: an embed token's own only."""
+    embed = embed_of(request)
+    if embed is None:
+        return user
+    if user and user != embed.end_user:
+        raise PermissionDeniedError("this embed token is for another end user")
+    return embed.end_user
 
 
 def _request_id(request: AnyRequest) -> str | None:
@@ -132,7 +161,8 @@ class ConversationController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
         offset: Offset = 0,
     ) -> ConversationPage:
-        rows, total = await conversations.page(tenant_of(request), user, limit, offset)
+        rows, total = await conversations.page(chat_tenant_of(request),
+                                               _end_user(request, user), limit, offset)
         return ConversationPage(data=[ConversationOut.model_validate(c) for c in rows],
                                 total=total, limit=limit, offset=offset)
 
@@ -141,7 +171,8 @@ class ConversationController(Controller):
         self, request: AnyRequest, conversation_id: FromPath[uuid.UUID],
         conversations: NamedDependency[ConversationService], user: FromQuery[EndUser] = "",
     ) -> ConversationDetail:
-        conv, messages = await conversations.get(tenant_of(request), user, conversation_id)
+        conv, messages = await conversations.get(chat_tenant_of(request),
+                                                 _end_user(request, user), conversation_id)
         return ConversationDetail(
             **ConversationOut.model_validate(conv).model_dump(),
             messages=[MessageOut.model_validate(m) for m in messages])
@@ -151,4 +182,5 @@ class ConversationController(Controller):
         self, request: AnyRequest, conversation_id: FromPath[uuid.UUID],
         conversations: NamedDependency[ConversationService], user: FromQuery[EndUser] = "",
     ) -> None:
-        await conversations.delete(tenant_of(request), user, conversation_id)
+        await conversations.delete(chat_tenant_of(request), _end_user(request, user),
+                                   conversation_id)

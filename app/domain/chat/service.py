@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.db.models import SystemMessagePolicy, Tenant, UsageEvent
+from app.db.models import ContentRuleHit, SystemMessagePolicy, Tenant, UsageEvent
+from app.domain.chat.content import CONTENT_FILTER, INPUT_REFUSAL, OUTPUT_REFUSAL, AnswerFilter
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.prompt import (
     PromptParts,
@@ -25,6 +26,7 @@ from app.domain.chat.prompt import (
     token_upper_bound,
 )
 from app.domain.chat.schemas import ChatCompletionRequest, Citation
+from app.domain.content_rules.service import ContentRulesService
 from app.domain.search.schemas import RetrievedChunk
 from app.domain.search.service import SearchService
 from app.domain.tenants.limits import effective_limit
@@ -95,7 +97,10 @@ class Prepared:
     turns: list[dict[str, str]]
     include_usage: bool
     prompt_tokens_bound: int
-    answer: list[str] = field(default_factory=list)
+    answer: list[str] = field(default_factory=list)  # generated (what is metered)
+    shown: list[str] = field(default_factory=list)  # what the user got (what is stored)
+    filter: AnswerFilter = field(default_factory=AnswerFilter)
+    refused: str | None = None  # the content rule the user's message broke
     usage: Usage | None = None
     where: Dispatched | None = None
     finish_reason: str | None = None
@@ -125,7 +130,8 @@ class ChatService:
     def __init__(self, search: SearchService, conversations: ConversationService,
                  dispatcher: Dispatcher, llm: LlmSettings, chat: ChatSettings,
                  usage: UsageService, limiter: RateLimiter | None,
-                 metrics: ServiceMetrics | None = None) -> None:
+                 metrics: ServiceMetrics | None = None,
+                 content: ContentRulesService | None = None) -> None:
         self.search = search
         self.conversations = conversations
         self.dispatcher = dispatcher
@@ -134,6 +140,7 @@ class ChatService:
         self.usage = usage
         self.limiter = limiter
         self.metrics = metrics
+        self.content = content
 
     async def prepare(self, tenant: Tenant, req: ChatCompletionRequest,
                       request_id: str | None = None) -> Prepared:
@@ -153,6 +160,9 @@ class ChatService:
         if not turns or turns[-1]["role"] != "user":
             raise BadRequestError("the last message must be the user's")
         end_user = req.user or ""
+        answer_filter = AnswerFilter.of(tenant)
+        if answer_filter.check_input(turns[-1]["content"]) is not None:
+            return self._refused(req, route, turns, answer_filter, end_user, request_id)
         history: list[dict[str, str]] = []
         conversation_id = req.conversation_id
         if conversation_id is not None:
@@ -180,8 +190,55 @@ class ChatService:
             conversation_id=conversation_id if req.store else None, turns=turns,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             prompt_tokens_bound=bound, end_user=end_user,
-            metering_id=request_id or response_id, store=req.store,
+            metering_id=request_id or response_id, store=req.store, filter=answer_filter,
         )
+
+    def _refused(self, req: ChatCompletionRequest, route: TenantRoute,
+                 turns: list[dict[str, str]], answer_filter: AnswerFilter, end_user: str,
+                 request_id: str | None) -> Prepared:
+        """A request whose message breaks the tenant's content rules: answered with a
+        refusal, without retrieval or generation."""
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        return Prepared(
+            request_id=response_id, created=int(time.time()), model=req.model, route=route,
+            body={}, citations=[], conversation_id=None, turns=turns,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            prompt_tokens_bound=0, end_user=end_user,
+            metering_id=request_id or response_id, store=False, filter=answer_filter,
+            refused=answer_filter.hit, status="content_blocked", finish_reason=CONTENT_FILTER)
+
+    def refusal(self, tenant: Tenant, p: Prepared) -> dict[str, Any]:
+        """The whole answer to a refused request (its hit recorded, nothing generated)."""
+        self._note_hit(tenant, p, "input")
+        _detach(self.finish(tenant, p))
+        p.usage = Usage(0, 0)
+        return {"id": p.request_id, "object": "chat.completion", "created": p.created,
+                "model": p.model, "choices": [{
+                    "index": 0, "message": {"role": "assistant", "content": INPUT_REFUSAL},
+                    "logprobs": None, "finish_reason": CONTENT_FILTER}],
+                "usage": p.usage.as_dict(), "citations": [], "conversation_id": None}
+
+    async def refusal_stream(self, tenant: Tenant, p: Prepared) -> AsyncIterator[bytes]:
+        """The same refusal as server-sent events."""
+        whole = self.refusal(tenant, p)
+        yield _sse({**self._chunk(p, {"role": "assistant", "content": ""}),
+                    "citations": [], "conversation_id": None})
+        done = self._chunk(p, {"content": INPUT_REFUSAL})
+        done["choices"][0]["finish_reason"] = CONTENT_FILTER
+        yield _sse(done)
+        if p.include_usage:
+            yield _sse({**self._chunk(p, {}), "choices": [], "usage": whole["usage"]})
+        yield b"data: [DONE]\n\n"
+
+    def _note_hit(self, tenant: Tenant, p: Prepared, direction: str) -> None:
+        """Record which rule stopped the request or answer (behind the answer)."""
+        if self.content is None or p.filter.hit is None:
+            return
+        if self.metrics is not None:
+            self.metrics.rejected(tenant.slug, "content_blocked")
+        _detach(self.content.record_hit(ContentRuleHit(
+            tenant_id=tenant.id, request_id=p.metering_id, end_user=p.end_user,
+            direction=direction, rule=p.filter.hit)))
 
     async def admit(self, tenant: Tenant, p: Prepared) -> None:
         """Rate limits, concurrency and the token budget (one Redis round trip; 429 if
@@ -225,17 +282,23 @@ class ChatService:
             choices = response.get("choices") or [{}]
             answer = str((choices[0].get("message") or {}).get("content") or "")
             p.finish_reason = choices[0].get("finish_reason")
+            shown, stopped = p.filter.whole(answer)
+            if shown != answer and choices[0].get("message") is not None:
+                choices[0]["message"]["content"] = shown
+            if stopped:
+                choices[0]["finish_reason"] = p.finish_reason = CONTENT_FILTER
+                self._note_hit(tenant, p, "output")
             p.usage = _usage(response.get("usage"))
             if p.usage is None:
                 p.usage = await self._count_usage(p, answer)
                 response["usage"] = p.usage.as_dict()
-            p.status = "ok"
+            p.status = "content_blocked" if stopped else "ok"
         except DomainError as exc:
             p.status = exc.code
             raise
         finally:  # slots freed before the answer; the usage event is written behind it
             await asyncio.shield(_detach(self.finish(tenant, p)))
-        await self._record(tenant, p, answer)
+        await self._record(tenant, p, shown)
         return response
 
     async def open_stream(self, tenant: Tenant, p: Prepared,
@@ -268,23 +331,26 @@ class ChatService:
         try:
             yield _sse(first)
             try:
-                async for piece in self._relay(p, upstream):
+                async for piece in self._relay(tenant, p, upstream):
                     yield piece
-                p.status = "ok"
+                p.status = "content_blocked" if p.filter.hit else "ok"
             except DomainError as exc:
                 p.status = exc.code
                 log.warning("stream %s ended by an upstream failure: %s", p.request_id, exc)
                 yield _sse({"error": {"message": exc.detail, "type": exc.code,
                                       "code": exc.code}})
-            await self._record(tenant, p, "".join(p.answer))
+            await self._record(tenant, p, "".join(p.shown))
             p.recorded = True
             await self.finish(tenant, p)  # slots free before [DONE]
         finally:
             _detach(self._wrap_up(tenant, p))
         yield b"data: [DONE]\n\n"
 
-    async def _relay(self, p: Prepared, upstream: DispatchedStream) -> AsyncIterator[bytes]:
-        """The upstream's chunks, rewritten with our id and model; usage collected."""
+    async def _relay(self, tenant: Tenant, p: Prepared,
+                     upstream: DispatchedStream) -> AsyncIterator[bytes]:
+        """The upstream's chunks, rewritten with our id and model, their text passed
+        through the tenant's content rules; usage collected. A rule hit ends the answer
+        with a refusal notice (and stops generating)."""
         renewed = time.perf_counter()
         async for event in upstream.events():
             chunk = event.chunk
@@ -297,9 +363,15 @@ class ChatService:
                 renewed = time.perf_counter()  # a long stream keeps its lease
                 await self.limiter.renew(p.ticket)
             chunk["id"], chunk["model"], chunk["created"] = p.request_id, p.model, p.created
-            for choice in chunk.get("choices") or []:
-                p.answer.append(str((choice.get("delta") or {}).get("content") or ""))
-                p.finish_reason = choice.get("finish_reason") or p.finish_reason
+            if not self._filter_chunk(p, chunk):
+                self._note_hit(tenant, p, "output")
+                notice = f"\n\n{OUTPUT_REFUSAL}" if "".join(p.shown).strip() else OUTPUT_REFUSAL
+                stop = self._chunk(p, {"content": notice})
+                stop["choices"][0]["finish_reason"] = p.finish_reason = CONTENT_FILTER
+                p.shown.append(notice)
+                yield _sse(stop)
+                await upstream.close()  # generating the rest is wasted work
+                break
             if chunk.get("usage") is not None:
                 p.usage = _usage(chunk["usage"])
             if not chunk.get("choices") and chunk.get("usage") is not None:
@@ -316,10 +388,30 @@ class ChatService:
                 usage_chunk["choices"], usage_chunk["usage"] = [], p.usage.as_dict()
                 yield _sse(usage_chunk)
 
+    @staticmethod
+    def _filter_chunk(p: Prepared, chunk: dict[str, Any]) -> bool:
+        """Pass the chunk's text through the content rules (in place); False when a rule
+        is hit (the chunk must not be sent)."""
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text = str(delta.get("content") or "")
+            p.answer.append(text)
+            p.finish_reason = choice.get("finish_reason") or p.finish_reason
+            shown = p.filter.piece(text)
+            if choice.get("finish_reason"):
+                shown += p.filter.end()
+            if p.filter.hit is not None:
+                return False
+            if shown != text:
+                delta["content"] = shown
+                choice["delta"] = delta
+            p.shown.append(shown)
+        return True
+
     async def _wrap_up(self, tenant: Tenant, p: Prepared) -> None:
         if not p.recorded:
             p.recorded = True
-            await self._record(tenant, p, "".join(p.answer))
+            await self._record(tenant, p, "".join(p.shown))
         await self.finish(tenant, p)
 
     async def finish(self, tenant: Tenant, p: Prepared) -> None:

@@ -13,7 +13,14 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict
 
-from app.api.guards import actor_of, requires_scope, tenant_of
+from app.api.guards import (
+    actor_of,
+    chat_or_embed,
+    chat_tenant_of,
+    requires_scope,
+    tenant_of,
+    tenant_row,
+)
 from app.api.paging import Offset
 from app.auth.keys import Scope
 from app.auth.principal import TenantPrincipal
@@ -64,12 +71,12 @@ async def whoami(request: AnyRequest) -> WhoAmI:
 
 
 @get("/v1/models", summary="Models this tenant may use", tags=["chat"],
-     guards=[requires_scope(Scope.chat)])
+     guards=[chat_or_embed])
 async def list_models(request: AnyRequest, tenants: NamedDependency[TenantService],
                       state: State) -> ModelList:
     """The tenant's allowed models (its own list, else every model the platform's
     pools serve, else ``LLM_MODELS``), as OpenAI clients expect them."""
-    tenant = await tenants.get_own(tenant_of(request))
+    tenant = tenant_row(request) or await tenants.get_own(chat_tenant_of(request))
     dispatcher: Dispatcher | None = state.dispatcher
     settings: Settings = state.settings
     served = dispatcher.models if dispatcher is not None else list(settings.llm.models)

@@ -1,0 +1,54 @@
+"""Request and response bodies for content rules and their hits."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import regex
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+Term = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class ContentRules(BaseModel):
+    """What neither the user's message nor the model's answer may contain, and a
+    disclaimer added to every answer."""
+
+    model_config = ConfigDict(extra="forbid", from_attributes=True)
+
+    blocked_terms: Annotated[list[Term], Field(max_length=500)] = []
+    blocked_patterns: Annotated[list[Pattern], Field(max_length=50)] = []
+    disclaimer: Annotated[str | None, Field(max_length=2000)] = None
+
+    @field_validator("blocked_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                regex.compile(p)
+            except regex.error as exc:
+                raise ValueError(f"{p!r} is not a valid regular expression: {exc}") from exc
+        return patterns
+
+
+class ContentRuleHitOut(BaseModel):
+    """A request or answer the rules stopped: which rule, never the text."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    request_id: str
+    end_user: str
+    direction: str
+    rule: str
+    created_at: datetime
+
+
+class ContentRuleHitPage(BaseModel):
+    """Hits, newest first."""
+
+    data: list[ContentRuleHitOut]
+    total: int
+    limit: int
+    offset: int

@@ -1,0 +1,64 @@
+"""Reading and changing a tenant's content rules, and the record of their hits."""
+
+from __future__ import annotations
+
+import functools
+import uuid
+
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from app.db.engine import Database
+from app.db.models import ContentRuleHit, Tenant, utcnow
+from app.domain.content_rules.matcher import Rule, compile_rules
+from app.domain.content_rules.schemas import ContentRules
+from app.domain.tenants.rows import tenant_row_in
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(terms: tuple[str, ...], patterns: tuple[str, ...]) -> tuple[Rule, ...]:
+    return tuple(compile_rules(terms, patterns))
+
+
+def rules_of(tenant: Tenant) -> tuple[Rule, ...]:
+    """The tenant's compiled rules (compiled once per distinct rule set)."""
+    return _compiled(tuple(tenant.blocked_terms), tuple(tenant.blocked_patterns))
+
+
+class ContentRulesService:
+    """One tenant's rules and hits, in its own row-level-security scope."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def get(self, tenant_id: uuid.UUID) -> ContentRules:
+        """The current rules."""
+        async with self.db.tenant(tenant_id) as session:
+            return ContentRules.model_validate(await tenant_row_in(session, tenant_id))
+
+    async def set(self, tenant_id: uuid.UUID, rules: ContentRules) -> ContentRules:
+        """Replace the rules."""
+        async with self.db.tenant(tenant_id) as session:
+            tenant = await tenant_row_in(session, tenant_id, lock=True)
+            tenant.blocked_terms = list(dict.fromkeys(rules.blocked_terms))
+            tenant.blocked_patterns = list(dict.fromkeys(rules.blocked_patterns))
+            tenant.disclaimer = rules.disclaimer or None
+            tenant.updated_at = utcnow()
+            session.add(tenant)
+        return ContentRules.model_validate(tenant)
+
+    async def record_hit(self, hit: ContentRuleHit) -> None:
+        """Keep a hit (behind the answer)."""
+        async with self.db.tenant(hit.tenant_id) as session:
+            session.add(hit)
+
+    async def hits(self, tenant_id: uuid.UUID, limit: int,
+                   offset: int) -> tuple[list[ContentRuleHit], int]:
+        """Hits, newest first, and their total."""
+        async with self.db.tenant(tenant_id) as session:
+            total = (await session.exec(select(func.count()).select_from(ContentRuleHit))).one()
+            rows = (await session.exec(
+                select(ContentRuleHit).order_by(col(ContentRuleHit.id).desc())
+                .limit(limit).offset(offset))).all()
+        return list(rows), int(total)
+

@@ -1,0 +1,1 @@
+"""Embed tokens for browser chat UIs, and the tenant's allowed CORS origins."""
