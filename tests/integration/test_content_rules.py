@@ -186,3 +186,11 @@ async def test_rules_are_validated_and_only_admins_change_them(
         "blocked_terms": ["alpha"], "blocked_patterns": [], "disclaimer": None}
     assert (await http.put("/v1/tenant/content-rules", headers=t.chat,
                            json={"blocked_terms": []})).status_code == 403
+    # Each change is audited with what changed; setting the same rules again is no change.
+    again = await http.put("/v1/tenant/content-rules", headers=t.admin,
+                           json={"blocked_terms": ["alpha"]})
+    assert again.status_code == 200
+    audit = (await http.get("/v1/audit?action=content_rules.changed",
+                            headers=t.admin)).json()["data"]
+    assert [e["details"]["changes"]["blocked_terms"] for e in audit] == [
+        {"from": [], "to": ["alpha"]}]

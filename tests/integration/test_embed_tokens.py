@@ -208,3 +208,7 @@ async def test_allowed_origins_are_validated(
         assert resp.status_code == 400, (bad, resp.text)
     assert (await client.get("/v1/tenant/embed", headers=site.admin)).json() == {
         "cors_origins": [SITE]}
+    audit = (await client.get("/v1/audit?action=embed_origins.changed",
+                              headers=site.admin)).json()["data"]
+    assert [e["details"]["changes"]["cors_origins"] for e in audit] == [
+        {"from": [], "to": [SITE]}]

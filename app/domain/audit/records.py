@@ -36,6 +36,8 @@ class AuditAction(enum.StrEnum):
     knowledge_base_updated = "knowledge_base.updated"
     knowledge_base_deleted = "knowledge_base.deleted"
     document_deleted = "document.deleted"
+    embed_origins_changed = "embed_origins.changed"
+    content_rules_changed = "content_rules.changed"
 
 
 def key_actor(key_id: uuid.UUID) -> str:

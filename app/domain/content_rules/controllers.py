@@ -8,7 +8,7 @@ from litestar import Request, get, put
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, QueryParameter
 
-from app.api.guards import requires_scope, tenant_of
+from app.api.guards import actor_of, requires_scope, tenant_of
 from app.api.paging import Offset
 from app.auth.keys import Scope
 from app.domain.content_rules.schemas import ContentRuleHitOut, ContentRuleHitPage, ContentRules
@@ -32,7 +32,7 @@ async def put_content_rules(request: AnyRequest, data: JSONBody[ContentRules],
                             content: NamedDependency[ContentRulesService]) -> ContentRules:
     """Terms match case-insensitively as whole words; patterns are regular expressions;
     both are checked on the user's message and on the answer as it streams."""
-    return await content.set(tenant_of(request), data)
+    return await content.set(tenant_of(request), data, actor_of(request))
 
 
 @get("/v1/tenant/content-rules/hits", tags=["tenant"], guards=[ADMIN],

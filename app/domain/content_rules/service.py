@@ -10,6 +10,7 @@ from sqlmodel import col, select
 
 from app.db.engine import Database
 from app.db.models import ContentRuleHit, Tenant, utcnow
+from app.domain.audit.records import AuditAction, changed_fields, record_audit
 from app.domain.content_rules.matcher import Rule, compile_rules
 from app.domain.content_rules.schemas import ContentRules
 from app.domain.tenants.rows import tenant_row_in
@@ -36,15 +37,21 @@ class ContentRulesService:
         async with self.db.tenant(tenant_id) as session:
             return ContentRules.model_validate(await tenant_row_in(session, tenant_id))
 
-    async def set(self, tenant_id: uuid.UUID, rules: ContentRules) -> ContentRules:
-        """Replace the rules."""
+    async def set(self, tenant_id: uuid.UUID, rules: ContentRules, actor: str) -> ContentRules:
+        """Replace the rules (audited when they change)."""
+        values = {"blocked_terms": list(dict.fromkeys(rules.blocked_terms)),
+                  "blocked_patterns": list(dict.fromkeys(rules.blocked_patterns)),
+                  "disclaimer": rules.disclaimer or None}
         async with self.db.tenant(tenant_id) as session:
             tenant = await tenant_row_in(session, tenant_id, lock=True)
-            tenant.blocked_terms = list(dict.fromkeys(rules.blocked_terms))
-            tenant.blocked_patterns = list(dict.fromkeys(rules.blocked_patterns))
-            tenant.disclaimer = rules.disclaimer or None
-            tenant.updated_at = utcnow()
-            session.add(tenant)
+            changes = changed_fields(tenant, values)
+            if changes:
+                for name, change in changes.items():
+                    setattr(tenant, name, change["to"])
+                tenant.updated_at = utcnow()
+                session.add(tenant)
+                record_audit(session, tenant_id, actor, AuditAction.content_rules_changed,
+                             ("tenant", tenant_id), {"changes": changes})
         return ContentRules.model_validate(tenant)
 
     async def record_hit(self, hit: ContentRuleHit) -> None:

@@ -9,7 +9,7 @@ from litestar import Request, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
-from app.api.guards import requires_scope, tenant_of
+from app.api.guards import actor_of, requires_scope, tenant_of
 from app.auth.keys import Scope
 from app.auth.principal import TenantPrincipal
 from app.domain.embed.schemas import EmbedSettings, EmbedToken, EmbedTokenRequest
@@ -42,5 +42,5 @@ async def get_embed_settings(request: AnyRequest,
 async def put_embed_settings(request: AnyRequest, data: JSONBody[EmbedSettings],
                              embed: NamedDependency[EmbedService]) -> EmbedSettings:
     """Replace the allowed CORS origins (``https://app.example.com``, no path)."""
-    return EmbedSettings(cors_origins=await embed.set_origins(tenant_of(request),
-                                                              data.cors_origins))
+    return EmbedSettings(cors_origins=await embed.set_origins(
+        tenant_of(request), data.cors_origins, actor_of(request)))

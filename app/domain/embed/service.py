@@ -10,6 +10,7 @@ from sqlmodel import col, select
 from app.auth.embed import EmbedTokenSigner
 from app.db.engine import Database
 from app.db.models import KnowledgeBase, utcnow
+from app.domain.audit.records import AuditAction, changed_fields, record_audit
 from app.domain.embed.schemas import EmbedToken, EmbedTokenRequest
 from app.domain.tenants.rows import tenant_row_in
 from app.errors import BadRequestError, NotFoundError
@@ -48,12 +49,17 @@ class EmbedService:
         async with self.db.tenant(tenant_id) as session:
             return list((await tenant_row_in(session, tenant_id)).cors_origins)
 
-    async def set_origins(self, tenant_id: uuid.UUID, origins: list[str]) -> list[str]:
-        """Replace the tenant's allowed origins."""
+    async def set_origins(self, tenant_id: uuid.UUID, origins: list[str],
+                          actor: str) -> list[str]:
+        """Replace the tenant's allowed origins (audited when they change)."""
         async with self.db.tenant(tenant_id) as session:
             tenant = await tenant_row_in(session, tenant_id, lock=True)
-            tenant.cors_origins = sorted(set(origins))
-            tenant.updated_at = utcnow()
-            session.add(tenant)
-        return tenant.cors_origins
+            changes = changed_fields(tenant, {"cors_origins": sorted(set(origins))})
+            if changes:
+                tenant.cors_origins = changes["cors_origins"]["to"]
+                tenant.updated_at = utcnow()
+                session.add(tenant)
+                record_audit(session, tenant_id, actor, AuditAction.embed_origins_changed,
+                             ("tenant", tenant_id), {"changes": changes})
+        return list(tenant.cors_origins)
 
