@@ -107,6 +107,13 @@ async def test_the_tenant_admin_guide_runs_top_to_bottom(
     keys = (await client.get("/v1/keys", headers=auth)).json()["data"]
     revoked = {k["name"]: k["revoked_at"] is not None for k in keys}
     assert revoked == {"test": False, "chat backend": False, "nightly sync": True}
+    chat_keys = [k for k in keys if k["name"] == "chat backend"]  # rotated: old and new
+    assert sorted(k["expires_at"] is None for k in chat_keys) == [False, True]
+    rules = (await client.get("/v1/tenant/content-rules", headers=auth)).json()
+    assert rules["blocked_terms"] == ["Project Falcon"] and rules["disclaimer"]
+    assert rules["blocked_patterns"] == [r"\b\d{3}-\d{2}-\d{4}\b"]
+    origins = (await client.get("/v1/tenant/embed", headers=auth)).json()["cors_origins"]
+    assert origins == ["http://localhost:5173", "https://intranet.acme.example"]
 
 
 async def chat_tenant(client: Client, admin_headers: dict[str, str]) -> str:
