@@ -15,6 +15,7 @@ from ingestion.errors import (
     UnsafeDocumentError,
     UnsupportedFormatError,
 )
+from ingestion.instructions import instruction_reasons
 from ingestion.isolated import IsolatedParser, ProcessLimits
 from ingestion.limits import DEFAULT_LIMITS, ParseLimits
 from ingestion.parse import parse_document
@@ -40,6 +41,7 @@ __all__ = [
     "UnsupportedFormatError",
     "chunk_document",
     "detect_format",
+    "instruction_reasons",
     "load_token_counter",
     "parse_document",
 ]

@@ -111,3 +111,6 @@ class Citation(BaseModel):
     heading_path: list[str]
     score: float
     snippet: str
+    # The passage reads like instructions aimed at an AI: the model was told to treat it
+    # as quoted data (docs/chat.md).
+    suspected_instructions: bool = False

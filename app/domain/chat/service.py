@@ -254,7 +254,7 @@ class ChatService:
             try:
                 p.ticket = await self.limiter.admit(
                     tenant.id, p.end_user, limits, p.cost,
-                    lambda period: self.usage.tokens_in_period(tenant.id, period))
+                    lambda period: self._metered_tokens(tenant.id, period))
             except (RateLimitedError, ServiceUnavailableError) as exc:
                 if self.metrics is not None:
                     self.metrics.rejected(tenant.slug, exc.code)
@@ -471,6 +471,13 @@ class ChatService:
         if p.status in _DISPATCH_REFUSALS:
             self.metrics.rejected(tenant.slug, p.status)
 
+    async def _metered_tokens(self, tenant_id: uuid.UUID, period: str) -> int:
+        """The period's metered tokens, to rebuild a budget counter Redis lost: first
+        this process's usage events still being written (requests already settled whose
+        events are not in PostgreSQL yet would otherwise be missed)."""
+        await wrap_ups_done(timeout_s=10.0)
+        return await self.usage.tokens_in_period(tenant_id, period)
+
     def _chunk(self, p: Prepared, delta: dict[str, Any]) -> dict[str, Any]:
         return {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
                 "model": p.model,
@@ -566,7 +573,8 @@ def _citation(index: int, chunk: RetrievedChunk, snippet_chars: int) -> Citation
                     kb_id=chunk.kb_id, filename=chunk.filename, page=chunk.page,
                     char_start=chunk.char_start, char_end=chunk.char_end,
                     heading_path=chunk.heading_path, score=chunk.score,
-                    snippet=chunk.text[:snippet_chars])
+                    snippet=chunk.text[:snippet_chars],
+                    suspected_instructions=chunk.suspected_instructions)
 
 
 _DETACHED: set[asyncio.Task[None]] = set()
@@ -576,6 +584,13 @@ _DISPATCH_REFUSALS = frozenset({QueueTimeoutError.code, NoCapacityError.code})
 def pending_wrap_ups() -> int:
     """Conversation writes and usage events still being written (tests wait for 0)."""
     return len(_DETACHED)
+
+
+async def wrap_ups_done(timeout_s: float) -> None:
+    """Until the wrap-ups under way now have finished (at most ``timeout_s``)."""
+    tasks = list(_DETACHED)
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)
 
 
 def _detach(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

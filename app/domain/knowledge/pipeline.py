@@ -35,6 +35,7 @@ from ingestion import (
     IsolatedParser,
     ProcessLimits,
     chunk_document,
+    instruction_reasons,
 )
 from retrieval.batching import EmbeddingBatcher
 from retrieval.vectorstore import ChunkPoint, PointFilter, VectorStore
@@ -292,11 +293,14 @@ def isolated_parser(settings: IngestSettings) -> IsolatedParser:
 
 
 def _payload(doc: Document, chunk: Chunk, meta: dict[str, Any]) -> dict[str, Any]:
+    reasons = instruction_reasons(chunk.text)
     return {
         "kb_id": str(doc.kb_id), "document_id": str(doc.id), "version": doc.version,
         "chunk_index": chunk.index, "text": chunk.text, "start": chunk.start, "end": chunk.end,
         "page": chunk.page, "heading_path": list(chunk.heading_path),
         "filename": doc.filename, "meta": meta,
+        # Reads like instructions to an AI: search results and the prompt say so.
+        "suspected_instructions": bool(reasons), "instruction_reasons": reasons,
     }
 
 

@@ -44,6 +44,10 @@ class RetrievedChunk(BaseModel):
     heading_path: list[str]
     text: str
     score: float
+    # The passage reads like instructions aimed at an AI (docs/ingestion.md); chat still
+    # uses it, fenced as data and labelled as such.
+    suspected_instructions: bool = False
+    instruction_reasons: list[str] = Field(default_factory=list)
 
 
 class RetrieveResponse(BaseModel):

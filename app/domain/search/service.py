@@ -102,4 +102,7 @@ def _chunk(hit: ScoredChunk) -> RetrievedChunk:
         filename=p["filename"], version=p["version"], chunk_index=p["chunk_index"],
         page=p.get("page"), char_start=p["start"], char_end=p["end"],
         heading_path=list(p.get("heading_path") or []), text=p["text"], score=hit.score,
+        # Points stored before the check existed have no flag: not suspected.
+        suspected_instructions=bool(p.get("suspected_instructions")),
+        instruction_reasons=list(p.get("instruction_reasons") or []),
     )
