@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import uvicorn
 from litestar import Litestar
@@ -105,6 +106,31 @@ async def remove_dispatcher(app: Litestar, client: AsyncTestClient[Litestar],
     if app.state.dispatcher is dispatcher:
         app.state.dispatcher = None
     await asyncio.wrap_future(client.blocking_portal.start_task_soon(dispatcher.close))
+
+
+@contextlib.asynccontextmanager
+async def routed_through(app: Litestar, client: AsyncTestClient[Litestar], pools: PoolsConfig,
+                         settings: Settings) -> AsyncIterator[Dispatcher]:
+    """The running app generating through ``pools`` for a while; then as it was."""
+    before = app.state.dispatcher
+    d = await install_dispatcher(app, client, pools, settings)
+    try:
+        yield d
+    finally:
+        await remove_dispatcher(app, client, d)
+        app.state.dispatcher = before
+
+
+async def owner_rows(settings: Settings, table: str, tenant_id: str) -> list[asyncpg.Record]:
+    """A tenant's rows of ``table``, oldest first, read as the owner (no RLS), once the
+    app has written what it writes behind its answers."""
+    await metering_done()
+    conn = await asyncpg.connect(plain_dsn(settings.database.owner_url()))
+    try:
+        return list(await conn.fetch(f"SELECT * FROM {table} WHERE tenant_id = $1 ORDER BY id",
+                                     uuid.UUID(tenant_id)))
+    finally:
+        await conn.close()
 
 
 @contextlib.asynccontextmanager

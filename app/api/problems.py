@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from app.api.cors import cors_headers, error_origin_var
 from app.errors import (
@@ -101,8 +105,52 @@ def unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) ->
                    "An unexpected error occurred; it has been logged.", "internal_error")
 
 
+# What an unreachable PostgreSQL raises: a refused or dropped connection, a connect or
+# pool timeout, a connection exception (SQLSTATE class 08), a server shutting down or
+# starting up (57P01-57P03).
+_GONE = (ConnectionError, TimeoutError, PoolTimeoutError, asyncpg.InterfaceError,
+         asyncpg.PostgresConnectionError)
+_GONE_STATES = ("08", "57P01", "57P02", "57P03")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and those it was raised from (drivers wrap theirs)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _unreachable(exc: BaseException) -> bool:
+    for e in _causes(exc):
+        state = str(getattr(e, "sqlstate", "") or "")
+        if isinstance(e, _GONE) or state.startswith(_GONE_STATES) or (
+                isinstance(e, DBAPIError) and e.connection_invalidated):
+            return True
+    return False
+
+
+def backing_service_error_handler(request: Request[Any, Any, Any],
+                                  exc: Exception) -> Response[Any]:
+    """PostgreSQL unreachable (restarting, partitioned): a 503 the client can retry,
+    not a 500. Anything else the driver raises is unexpected."""
+    if not _unreachable(exc):
+        return unexpected_error_handler(request, exc)
+    log.warning("database unavailable on %s %s: %s: %s", request.method, request.url.path,
+                type(exc).__name__, exc)
+    return problem(503, "Service unavailable", "the database is unavailable; retry shortly",
+                   "service_unavailable", retry_after_s=2)
+
+
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     DomainError: domain_error_handler,
     HTTPException: http_error_handler,
+    OSError: backing_service_error_handler,
+    DBAPIError: backing_service_error_handler,
+    PoolTimeoutError: backing_service_error_handler,
+    asyncpg.InterfaceError: backing_service_error_handler,
+    asyncpg.PostgresError: backing_service_error_handler,
     Exception: unexpected_error_handler,
 }

@@ -24,9 +24,8 @@ from tests.support import (
     bearer,
     create_key,
     create_tenant,
-    install_dispatcher,
     one_pool,
-    remove_dispatcher,
+    routed_through,
     served_over_http,
 )
 
@@ -82,9 +81,8 @@ async def new_chat_tenant(client: Client, admin: dict[str, str], base_url: str,
 async def upstream(app: Litestar, client: Client, settings: Settings,
                    llm_base_url: str) -> AsyncIterator[Dispatcher]:
     """Point the running app at the session's vLLM server (a pool of one)."""
-    d = await install_dispatcher(app, client, one_pool(llm_base_url), settings)
-    yield d
-    await remove_dispatcher(app, client, d)
+    async with routed_through(app, client, one_pool(llm_base_url), settings) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

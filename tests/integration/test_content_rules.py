@@ -6,11 +6,9 @@ PostgreSQL and Redis; the fake vLLM server writes the answer "w0 w1 w2 ..."."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from litestar import Litestar
@@ -24,11 +22,9 @@ from tests.support import (
     concurrent_client,
     create_key,
     create_tenant,
-    install_dispatcher,
-    metering_done,
     one_pool,
-    plain_dsn,
-    remove_dispatcher,
+    owner_rows,
+    routed_through,
     served_over_http,
 )
 
@@ -46,12 +42,9 @@ def fake() -> Iterator[FakeServer]:
 @pytest.fixture(scope="module")
 async def base_url(app: Litestar, client: Client, settings: Settings,
                    fake: FakeServer) -> AsyncIterator[str]:
-    before = app.state.dispatcher
-    d = await install_dispatcher(app, client, one_pool(fake.base_url), settings)
-    async with served_over_http(app, client) as url:
+    async with (routed_through(app, client, one_pool(fake.base_url), settings),
+                served_over_http(app, client) as url):
         yield url
-    await remove_dispatcher(app, client, d)
-    app.state.dispatcher = before
 
 
 @pytest.fixture
@@ -96,16 +89,6 @@ async def streamed(http: httpx.AsyncClient, headers: dict[str, str],
     return "".join(text), [r for r in reasons if r]
 
 
-async def rows(settings: Settings, table: str, tenant_id: str) -> list[asyncpg.Record]:
-    await metering_done()
-    conn = await asyncpg.connect(plain_dsn(settings.database.owner_url()))
-    try:
-        return list(await conn.fetch(f"SELECT * FROM {table} WHERE tenant_id = $1 ORDER BY id",
-                                     uuid.UUID(tenant_id)))
-    finally:
-        await conn.close()
-
-
 async def test_a_blocked_message_is_refused_before_any_work_and_recorded(
     client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
     settings: Settings, fake: FakeServer,
@@ -129,7 +112,7 @@ async def test_a_blocked_message_is_refused_before_any_work_and_recorded(
     hits = (await http.get("/v1/tenant/content-rules/hits", headers=t.admin)).json()
     assert [(h["direction"], h["rule"], h["end_user"]) for h in hits["data"]] == [
         ("input", "term:Project Falcon", "ann")] * 2
-    statuses = [r["status"] for r in await rows(settings, "usage_events", t.info["id"])]
+    statuses = [r["status"] for r in await owner_rows(settings, "usage_events", t.info["id"])]
     assert statuses.count("content_blocked") == 2
 
 
@@ -148,11 +131,11 @@ async def test_a_blocked_answer_stops_mid_stream_and_never_shows_the_term(
     assert whole["choices"][0]["finish_reason"] == "content_filter"
     hits = (await http.get("/v1/tenant/content-rules/hits", headers=t.admin)).json()["data"]
     assert [(h["direction"], h["rule"]) for h in hits] == [("output", r"pattern:w4\s+w5")] * 2
-    usage = await rows(settings, "usage_events", t.info["id"])
+    usage = await owner_rows(settings, "usage_events", t.info["id"])
     assert [r["status"] for r in usage] == ["content_blocked"] * 2
     assert usage[0]["completion_tokens"] >= 5  # what was generated is still metered
     # The stored conversation holds what the user saw, not the withheld words.
-    stored = await rows(settings, "conversation_messages", t.info["id"])
+    stored = await owner_rows(settings, "conversation_messages", t.info["id"])
     answers = [m["content"] for m in stored if m["role"] == "assistant"]
     assert answers and all("w5" not in a for a in answers)
 

@@ -21,9 +21,8 @@ from tests.support import (
     bearer,
     create_key,
     create_tenant,
-    install_dispatcher,
     one_pool,
-    remove_dispatcher,
+    routed_through,
 )
 
 Client = AsyncTestClient[Litestar]
@@ -41,11 +40,8 @@ def fake() -> Iterator[FakeServer]:
 @pytest.fixture(scope="module")
 async def routed(app: Litestar, client: Client, settings: Settings,
                  fake: FakeServer) -> AsyncIterator[None]:
-    before = app.state.dispatcher
-    d = await install_dispatcher(app, client, one_pool(fake.base_url), settings)
-    yield
-    await remove_dispatcher(app, client, d)
-    app.state.dispatcher = before
+    async with routed_through(app, client, one_pool(fake.base_url), settings):
+        yield
 
 
 class Site:

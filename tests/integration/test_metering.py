@@ -35,7 +35,7 @@ from tests.support import (
     create_tenant,
     install_dispatcher,
     metering_done,
-    plain_dsn,
+    owner_rows,
     remove_dispatcher,
     served_over_http,
 )
@@ -106,14 +106,7 @@ def chat(**extra: Any) -> dict[str, Any]:
 
 
 async def usage_rows(settings: Settings, tenant_id: str) -> list[asyncpg.Record]:
-    await metering_done()
-    conn = await asyncpg.connect(plain_dsn(settings.database.owner_url()))
-    try:
-        return list(await conn.fetch(
-            "SELECT * FROM usage_events WHERE tenant_id = $1 ORDER BY id",
-            uuid.UUID(tenant_id)))
-    finally:
-        await conn.close()
+    return await owner_rows(settings, "usage_events", tenant_id)
 
 
 def token_price(row: asyncpg.Record) -> Decimal:

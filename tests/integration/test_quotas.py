@@ -26,11 +26,10 @@ from tests.support import (
     concurrent_client,
     create_key,
     create_tenant,
-    install_dispatcher,
     metering_done,
     one_pool,
-    plain_dsn,
-    remove_dispatcher,
+    owner_rows,
+    routed_through,
     served_over_http,
     start_api,
     wait_healthy,
@@ -52,12 +51,9 @@ def fake() -> Iterator[FakeServer]:
 @pytest.fixture(scope="module")
 async def routed(app: Litestar, client: Client, settings: Settings,
                  fake: FakeServer) -> AsyncIterator[None]:
-    before = app.state.dispatcher
-    d = await install_dispatcher(app, client, one_pool(fake.base_url, max_in_flight=1000),
-                                 settings)
-    yield
-    await remove_dispatcher(app, client, d)
-    app.state.dispatcher = before
+    async with routed_through(app, client, one_pool(fake.base_url, max_in_flight=1000),
+                              settings):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +82,7 @@ def body(stream: bool = False, **extra: Any) -> dict[str, Any]:
 
 
 async def usage_rows(settings: Settings, tenant_id: str) -> list[asyncpg.Record]:
-    await metering_done()
-    conn = await asyncpg.connect(plain_dsn(settings.database.owner_url()))
-    try:
-        return list(await conn.fetch(
-            "SELECT * FROM usage_events WHERE tenant_id = $1 ORDER BY id",
-            uuid.UUID(tenant_id)))
-    finally:
-        await conn.close()
+    return await owner_rows(settings, "usage_events", tenant_id)
 
 
 async def budget_counter(app: Litestar, tenant_id: str) -> dict[bytes, bytes]:
