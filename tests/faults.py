@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -31,6 +31,20 @@ class TcpProxy:
         if "host" in query and query["host"][0].startswith("/"):
             return cls(unix_path=f"{query['host'][0]}/.s.PGSQL.{port}")
         return cls(host=parts.hostname or "127.0.0.1", port=port)
+
+    @classmethod
+    def for_redis(cls, url: str) -> TcpProxy:
+        """A proxy to the server of a Redis URL (``redis://host:port`` or ``unix://path``)."""
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return cls(unix_path=unquote(parts.path))
+        return cls(host=parts.hostname or "127.0.0.1", port=parts.port or 6379)
+
+    def redis_url(self, url: str) -> str:
+        """``url`` (same database number) pointing at this proxy instead."""
+        parts = urlsplit(url)
+        db = parse_qs(parts.query).get("db", [parts.path.strip("/") or "0"])[0]
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
     def postgres_url(self, url: str) -> str:
         """``url`` pointing at this proxy instead."""
