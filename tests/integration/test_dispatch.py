@@ -31,6 +31,7 @@ from tests.support import (
     create_key,
     create_tenant,
     install_dispatcher,
+    owner_rows,
     remove_dispatcher,
     served_over_http,
 )
@@ -306,7 +307,7 @@ async def test_recovery_without_restart_when_a_replica_comes_back(
 
 async def test_an_upstream_dying_mid_stream_ends_with_an_error_event_and_done(
     client: Client, admin_headers: dict[str, str], routed: Routed, fakes: Fakes,
-    http: httpx.AsyncClient,
+    http: httpx.AsyncClient, settings: Settings,
 ) -> None:
     tenant = await new_tenant(client, http, admin_headers)
     server = fakes.new(die_after_tokens=3, completion_tokens=10)
@@ -323,6 +324,10 @@ async def test_an_upstream_dying_mid_stream_ends_with_an_error_event_and_done(
     conv_id = events[0]["conversation_id"]
     stored = await http.get(f"/v1/conversations/{conv_id}?user=u1", headers=tenant.headers)
     assert stored.json()["messages"][-1]["content"] == "w0 w1 w2"  # what was generated
+    # ...and metered: one usage row, the three tokens sent counted (no usage came back).
+    (row,) = await owner_rows(settings, "usage_events", str(tenant.id))
+    assert row["status"] == "upstream_error" and row["completion_tokens"] == 3
+    assert row["prompt_tokens"] > 0
 
 
 async def test_usage_is_counted_with_tokenize_when_the_server_reports_none(
