@@ -111,6 +111,8 @@ def unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) ->
 _GONE = (ConnectionError, TimeoutError, PoolTimeoutError, asyncpg.InterfaceError,
          asyncpg.PostgresConnectionError)
 _GONE_STATES = ("08", "57P01", "57P02", "57P03")
+# PostgreSQL stores no NUL (U+0000) in text or JSON: the client's input, not our failure.
+_NUL_STATES = ("22021", "22P05")
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -121,6 +123,10 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def _sqlstates(exc: BaseException) -> set[str]:
+    return {str(getattr(e, "sqlstate", "") or "") for e in _causes(exc)}
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -135,7 +141,11 @@ def _unreachable(exc: BaseException) -> bool:
 def backing_service_error_handler(request: Request[Any, Any, Any],
                                   exc: Exception) -> Response[Any]:
     """PostgreSQL unreachable (restarting, partitioned): a 503 the client can retry,
-    not a 500. Anything else the driver raises is unexpected."""
+    not a 500; text it cannot store: a 400. Anything else the driver raises is
+    unexpected."""
+    if _sqlstates(exc) & set(_NUL_STATES):
+        return problem(400, "Invalid request", "text must not contain NUL (\\u0000) characters",
+                       "invalid_request")
     if not _unreachable(exc):
         return unexpected_error_handler(request, exc)
     log.warning("database unavailable on %s %s: %s: %s", request.method, request.url.path,
