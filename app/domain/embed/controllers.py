@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
 from app.api.guards import actor_of, requires_scope, tenant_of
+from app.api.openapi import problems
 from app.auth.keys import Scope
 from app.auth.principal import TenantPrincipal
 from app.domain.embed.schemas import EmbedSettings, EmbedToken, EmbedTokenRequest
@@ -20,6 +21,7 @@ ADMIN = requires_scope(Scope.admin)
 
 
 @post("/v1/embed-tokens", status_code=201, tags=["chat"], guards=[requires_scope(Scope.chat)],
+      responses=problems(404),
       summary="Mint a short-lived token a browser chat UI uses for one end user")
 async def mint_embed_token(request: AnyRequest, data: JSONBody[EmbedTokenRequest],
                            embed: NamedDependency[EmbedService]) -> EmbedToken:
