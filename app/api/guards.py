@@ -49,6 +49,7 @@ def requires_scope(*scopes: Scope) -> Guard:
                 required_scope=scopes[0].value if len(scopes) == 1 else [s.value for s in scopes],
             )
 
+    guard.required_scopes = frozenset(scopes)  # type: ignore[attr-defined]  # tests read it
     return guard
 
 
@@ -95,6 +96,9 @@ async def chat_or_embed(connection: ASGIConnection[Any, Any, Any, Any],
     if origin is not None and origin not in allowed:
         raise PermissionDeniedError(f"pages on {origin} may not use this tenant's embed "
                                     "tokens (see the tenant's allowed origins)", origin=origin)
+
+
+chat_or_embed.required_scopes = frozenset({Scope.chat})  # type: ignore[attr-defined]
 
 
 def chat_tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> uuid.UUID:
