@@ -50,21 +50,26 @@ _KNOWN_UNSUPPORTED = (
     (b"{\\rtf", "an RTF document"),
 )
 _SNIFF_CHARS = 16_384
+# Detection runs in the upload request: an encoding is guessed from this much of a file
+# that is not UTF-8 (a guess over the whole of a 50 MB file takes seconds).
+_GUESS_BYTES = 256 * 1024
+# Leading comments, each ending at its first "-->": a lazy ".*?" here could also span
+# several comments, and backtracking over every way to split them took exponential time
+# (30 empty comments before a non-tag: minutes).
+_LEADING = r"\A\s*(?:<\?xml[^>]*>\s*)?(?:<!--(?:(?!-->).)*-->\s*)*"
 # The WHATWG MIME-sniffing "HTML" patterns, after an optional XML declaration and comments.
 _HTML_START = re.compile(
-    r"\A\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*"
-    r"<(?:!doctype\s+html|html|head|body|script|iframe|h1|div|font|table|a|style|title"
-    r"|b|br|p|meta)(?=[\s/>])",
+    _LEADING + r"<(?:!doctype\s+html|html|head|body|script|iframe|h1|div|font|table|a"
+    r"|style|title|b|br|p|meta)(?=[\s/>])",
     re.IGNORECASE | re.DOTALL,
 )
 _HTML_DOCUMENT_START = re.compile(
-    r"\A\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html)(?=[\s/>])",
-    re.IGNORECASE | re.DOTALL,
-)
+    _LEADING + r"<(?:!doctype\s+html|html)(?=[\s/>])", re.IGNORECASE | re.DOTALL)
 _HTML_TAG = re.compile(r"<(?:html|head|body|p|div|h[1-6])(?=[\s/>])", re.IGNORECASE)
 # ATX headings, code fences, inline links: signals that plain prose would not carry.
+# Bounded runs: from each "[" of "[[[[..." an unbounded scan would make this quadratic.
 _MARKDOWN_SIGNAL = re.compile(
-    r"^ {0,3}(?:#{1,6}[ \t]+\S|```|~~~)|\[[^\]\n]+\]\([^)\s]+\)", re.MULTILINE
+    r"^ {0,3}(?:#{1,6}[ \t]+\S|```|~~~)|\[[^\]\n]{1,300}\]\([^)\s]{1,2000}\)", re.MULTILINE
 )
 
 
@@ -93,7 +98,7 @@ def detect_format(
         kind = filetype.guess(data)
         if kind is not None:
             raise UnsupportedFormatError(f"unsupported file type: {kind.mime} (.{kind.extension})")
-        text = decode_guessed(data)
+        text = decode_guessed(data[:_GUESS_BYTES])  # the parser decodes all of it
     if text is None:
         raise UnsupportedFormatError(
             "unsupported binary data: not PDF, DOCX, HTML, Markdown or text"
@@ -155,6 +160,6 @@ def _is_json(text: str) -> bool:
         return False
     try:
         json.loads(stripped)
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[...": nested deeper than json decodes
         return False
     return True

@@ -1,10 +1,12 @@
 """Hostile uploads through the real API and worker threads: each ends ``failed`` with a
 reason an admin can read, at its first attempt, while another tenant's document uploaded
-at the same time ends ``ready``."""
+at the same time ends ``ready``, and the API answers other requests meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import zipfile
 
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -12,6 +14,7 @@ from litestar.testing import AsyncTestClient
 from app.settings import Settings
 from tests.files import make_docx_bomb, make_pdf, make_pdf_bomb, make_spinning_pdf
 from tests.integration.test_ingestion import new_tenant, search, upload, wait_done
+from tests.support import concurrent_client, served_over_http
 
 Client = AsyncTestClient[Litestar]
 
@@ -55,3 +58,35 @@ async def test_hostile_files_fail_with_a_reason_and_other_tenants_are_served(
     # the worker threads are all still there for the next file
     again = await upload(attacker, client, [("after.txt", b"The WALLABY desk is on floor 2.\n")])
     assert (await wait_done(client, attacker, again.json()["data"][0]["id"]))["status"] == "ready"
+
+
+def many_entry_docx(entries: int = 400_000) -> bytes:
+    """A ZIP with a Word document entry and ``entries`` empty files (about 35 MB): slow to
+    even list, and over the DOCX entry limit."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("word/document.xml", "<w:document/>")
+        for i in range(entries):
+            archive.writestr(str(i), b"")
+    return buffer.getvalue()
+
+
+async def test_the_api_keeps_answering_while_a_hostile_upload_is_checked(
+    app: Litestar, client: Client, admin_headers: dict[str, str]
+) -> None:
+    t = await new_tenant(client, admin_headers)
+    data = await asyncio.to_thread(many_entry_docx)
+    async with served_over_http(app, client) as url, concurrent_client(url) as http:
+        sending = asyncio.ensure_future(http.post(
+            t.docs_url, headers=t.headers, files=[("file", ("big.docx", data, "x"))]))
+        slowest = 0.0
+        while not sending.done():
+            started = asyncio.get_running_loop().time()
+            assert (await http.get("/healthz")).status_code == 200
+            slowest = max(slowest, asyncio.get_running_loop().time() - started)
+            await asyncio.sleep(0.05)
+        sent = await sending
+    assert sent.status_code == 202, sent.text
+    assert slowest < 1.0  # checking the file (seconds of work) did not hold the event loop
+    doc = await wait_done(client, t, sent.json()["data"][0]["id"])
+    assert doc["status"] == "failed" and "400001 ZIP entries" in doc["error"], doc

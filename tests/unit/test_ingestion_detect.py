@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from ingestion import EmptyDocumentError, UnsupportedFormatError, detect_format
@@ -94,3 +96,25 @@ def test_json_counts_as_text_even_when_it_contains_markdown() -> None:
 )
 def test_text_in_other_encodings_is_still_text(data: bytes) -> None:
     assert detect_format(data) == "text"
+
+
+@pytest.mark.parametrize("data", [
+    b"<!-- -->" * 5000 + b"x",  # comments, then no tag: backtracking was exponential
+    b"<!--" * 12_000,
+    b"[" * 100_000 + b"]" * 100_000,  # nested beyond what json decodes; quadratic link scan
+    b"[a" * 20_000,  # link texts that never close: each scanned to the end of the line
+], ids=["closed-comments", "open-comments", "nested-brackets", "open-links"])  # fmt: skip
+def test_text_built_to_make_detection_slow_is_detected_at_once(data: bytes) -> None:
+    started = time.perf_counter()
+    assert detect_format(data) == "text"
+    assert time.perf_counter() - started < 0.5  # detection runs in the upload request
+
+
+def test_a_large_file_that_is_not_utf8_is_judged_from_a_sample() -> None:
+    binary = bytes(range(256)) * (50 * 2**20 // 256)  # 50 MiB, the upload limit
+    legacy = ("Café crème brûlée à la française, déjà vu. " * 200_000).encode("cp1252")
+    started = time.perf_counter()
+    with pytest.raises(UnsupportedFormatError, match="binary"):
+        detect_format(binary)
+    assert detect_format(legacy) == "text"
+    assert time.perf_counter() - started < 2  # a guess over all of it took 6 s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Annotated, Any
 
@@ -91,7 +92,8 @@ class KnowledgeBaseController(Controller):
         documents: NamedDependency[DocumentService],
     ) -> Response[UploadResult]:
         upload = await read_upload(request)
-        files = documents.check_files(upload.files, upload.external_id)
+        # Format detection and hashing take CPU time on big files: not on the event loop.
+        files = await asyncio.to_thread(documents.check_files, upload.files, upload.external_id)
         outcomes = await documents.upload(
             tenant_of(request), kb_id, files, upload.external_id, upload.metadata)
         data = [UploadedDocument(**DocumentOut.model_validate(o.document).model_dump(),
