@@ -150,7 +150,7 @@ class IngestSettings(BaseSettings):
     # address-space size (the file then fails); at most parse_processes at once.
     parse_timeout_s: float = Field(default=60.0, gt=0)
     parse_memory_mb: int = Field(default=1024, ge=256)
-    parse_processes: int = Field(default=4, ge=1, le=64)
+    parse_processes: int = Field(default=2, ge=1, le=64)
     max_attempts: int = Field(default=5, ge=1, le=50)
     resend_queued_after_s: int = Field(default=300, ge=1)
     resend_processing_after_s: int = Field(default=120, ge=1)

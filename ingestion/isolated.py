@@ -74,7 +74,7 @@ class IsolatedParser:
     """
 
     def __init__(self, limits: ParseLimits = DEFAULT_LIMITS,
-                 process_limits: ProcessLimits | None = None, max_processes: int = 4) -> None:
+                 process_limits: ProcessLimits | None = None, max_processes: int = 2) -> None:
         if max_processes < 1:
             raise ValueError("max_processes must be at least 1")
         self.limits = limits

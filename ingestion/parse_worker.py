@@ -91,6 +91,7 @@ def _parse_and_send(request: ParseRequest, sender: Connection) -> NoReturn:
     """The forked child's whole life: limit itself, parse, answer, exit."""
     code = 0
     try:
+        _first_to_go_when_memory_runs_out()
         resource.setrlimit(resource.RLIMIT_AS, (request.memory_bytes, request.memory_bytes))
         cpu_s = math.ceil(request.timeout_s) + CPU_GRACE_S  # only matters if we are orphaned
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + CPU_GRACE_S))
@@ -103,6 +104,14 @@ def _parse_and_send(request: ParseRequest, sender: Connection) -> NoReturn:
         code = 1
     finally:
         os._exit(code)
+
+
+def _first_to_go_when_memory_runs_out() -> None:
+    """Ask the kernel's out-of-memory killer to pick this child before anything else in
+    its container (the worker with its model, say); raising one's own score needs no
+    privileges. Where /proc is missing, the address-space limit still holds."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+        adj.write("1000")
 
 
 def _parse(request: ParseRequest) -> tuple[str, Any]:

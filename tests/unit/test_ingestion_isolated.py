@@ -129,6 +129,20 @@ def test_other_files_are_served_while_one_spins(parser: IsolatedParser) -> None:
             stuck.result()
 
 
+def test_the_parsing_child_is_the_first_the_kernel_kills_when_memory_runs_out(
+    parser: IsolatedParser,
+) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        parse = pool.submit(parser.parse, make_spinning_pdf(), "pdf")
+        child = parsing_child()
+        with open(f"/proc/{child.pid}/oom_score_adj") as adj:
+            assert adj.read().strip() == "1000"
+        with open(f"/proc/{child.parent().pid}/oom_score_adj") as adj:  # type: ignore[union-attr]
+            assert adj.read().strip() != "1000"  # the helper, which outlives the file
+        with pytest.raises(UnsafeDocumentError):
+            parse.result()
+
+
 @pytest.mark.parametrize(("sent", "reason"), [
     (signal.SIGSEGV, r"the parser crashed on this file \(SIGSEGV\)"),
     (signal.SIGKILL, "parsing needed more than 1024 MiB"),  # what the OOM killer sends
