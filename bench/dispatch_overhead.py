@@ -27,20 +27,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from ingest_throughput import scratch_db
+from ingest_throughput import backing_services, scratch_db
 
-from app.embedded import EmbeddedStack
 from app.settings import DatabaseSettings, as_asyncpg_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,104 +145,101 @@ def main() -> None:
     parser.add_argument("--litellm", default=str(ROOT / ".cache/litellm-venv/bin/litellm"))
     parser.add_argument("--profile-app", help="write a py-spy profile of the app here")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-dispatch-"))
     procs: list[subprocess.Popen[bytes]] = []
-    stack: EmbeddedStack | None = None
-    try:
-        db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
-        if not (db_url and redis_url):
-            stack = EmbeddedStack(work / "stack")
-            endpoints = stack.start()
-            db_url, redis_url = endpoints.database_url, endpoints.redis_url
-        db = asyncio.run(scratch_db(as_asyncpg_url(db_url)))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with backing_services("bench-dispatch-") as (work, db_url, redis_url):
+        try:
+            measure(args, work, db_url, redis_url, procs)
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGINT)
+            for proc in procs:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
-        fake_port = free_port()
-        procs.append(spawn([sys.executable, "-m", "tests.fake_openai", "--port",
-                            str(fake_port)], env, work / "fake.log"))
-        fake = f"http://127.0.0.1:{fake_port}"
-        wait_http(f"{fake}/health", procs[-1], work / "fake.log")
 
-        app_port = free_port()
-        app_env = {**env, "APP_ENV": "dev", "DATABASE_URL": db, "REDIS_URL": redis_url,
-                   "AUTH_PLATFORM_ADMIN_KEY": ADMIN_KEY, "LLM_BASE_URL": f"{fake}/v1",
-                   "DISPATCH_MAX_IN_FLIGHT": "1000", "APP_DATA_DIR": str(work / "data"),
-                   "HF_HUB_OFFLINE": "1"}
-        from app.db.migrate import migrate
-        asyncio.run(migrate(DatabaseSettings(url=db)))
-        tenantrag = str(Path(sys.executable).parent / "tenantrag")
-        serve = [tenantrag, "serve", "--port", str(app_port)]
-        if args.profile_app:  # developer aid: needs `pip install py-spy`
-            serve = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
-                     "-o", args.profile_app, "--", *serve]
-        procs.append(spawn(serve, app_env, work / "app.log"))
-        app = f"http://127.0.0.1:{app_port}"
-        wait_http(f"{app}/healthz", procs[-1], work / "app.log")
-        key = asyncio.run(app_key(app))
+def measure(args: argparse.Namespace, work: Path, db_url: str, redis_url: str,
+            procs: list[subprocess.Popen[bytes]]) -> None:
+    """Start the targets (into ``procs``) and measure each."""
+    db = asyncio.run(scratch_db(as_asyncpg_url(db_url)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-        targets: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
-            "direct": (f"{fake}/v1/chat/completions", {},
-                       {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}),
-            "app": (f"{app}/v1/chat/completions", {"Authorization": f"Bearer {key}"},
-                    {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "store": False,
-                     "retrieval": {"enabled": False}}),
-        }
-        litellm = Path(args.litellm)
-        if litellm.exists():
-            lite_port = free_port()
-            config = work / "litellm.yaml"
-            config.write_text(
-                "model_list:\n"
-                f"  - model_name: {MODEL}\n"
-                "    litellm_params:\n"
-                f"      model: openai/{MODEL}\n"
-                f"      api_base: {fake}/v1\n"
-                "      api_key: none\n"
-                "general_settings:\n"
-                "  master_key: sk-bench-master\n"
-                "litellm_settings:\n"
-                "  telemetry: false\n")
-            lite_env = {k: v for k, v in env.items() if k not in ("DATABASE_URL",)}
-            procs.append(spawn([str(litellm), "--config", str(config), "--port",
-                                str(lite_port), "--num_workers", "1"], lite_env,
-                               work / "litellm.log"))
-            wait_http(f"http://127.0.0.1:{lite_port}/health/liveliness", procs[-1],
-                      work / "litellm.log")
-            targets["litellm"] = (f"http://127.0.0.1:{lite_port}/v1/chat/completions",
-                                  {"Authorization": "Bearer sk-bench-master"},
-                                  {"model": MODEL, "messages": MESSAGES, "max_tokens": 8})
-        else:
-            print(f"LiteLLM not found at {litellm}: skipped", file=sys.stderr)
+    fake_port = free_port()
+    procs.append(spawn([sys.executable, "-m", "tests.fake_openai", "--port",
+                        str(fake_port)], env, work / "fake.log"))
+    fake = f"http://127.0.0.1:{fake_port}"
+    wait_http(f"{fake}/health", procs[-1], work / "fake.log")
 
-        results: dict[str, dict[str, float]] = {}
-        for name, (url, headers, body) in targets.items():
-            lat = asyncio.run(fixed_rate(url, headers, body, args.rps, args.seconds))
-            rps = asyncio.run(max_rate(url, headers, body, args.concurrency, args.seconds))
-            results[name] = {"p50": pct(lat, 0.5) * 1000, "p99": pct(lat, 0.99) * 1000,
-                             "max_rps": rps}
-            print(f"{name:8s} p50 {results[name]['p50']:7.2f} ms  p99 "
-                  f"{results[name]['p99']:7.2f} ms  max {rps:7.0f} req/s", flush=True)
-        base = results["direct"]
-        print(f"\nadded latency at {args.rps:g} RPS over direct:")
-        for name in ("app", "litellm"):
-            if name in results:
-                r = results[name]
-                print(f"  {name:8s} p50 +{r['p50'] - base['p50']:.2f} ms  p99 "
-                      f"+{r['p99'] - base['p99']:.2f} ms  max {r['max_rps']:.0f} req/s")
-        if "litellm" in results:
-            print(f"\napp max RPS / LiteLLM max RPS: "
-                  f"{results['app']['max_rps'] / results['litellm']['max_rps']:.2f}x")
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if stack is not None:
-            stack.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    app_port = free_port()
+    app_env = {**env, "APP_ENV": "dev", "DATABASE_URL": db, "REDIS_URL": redis_url,
+               "AUTH_PLATFORM_ADMIN_KEY": ADMIN_KEY, "LLM_BASE_URL": f"{fake}/v1",
+               "DISPATCH_MAX_IN_FLIGHT": "1000", "APP_DATA_DIR": str(work / "data"),
+               "HF_HUB_OFFLINE": "1"}
+    from app.db.migrate import migrate
+    asyncio.run(migrate(DatabaseSettings(url=db)))
+    tenantrag = str(Path(sys.executable).parent / "tenantrag")
+    serve = [tenantrag, "serve", "--port", str(app_port)]
+    if args.profile_app:  # developer aid: needs `pip install py-spy`
+        serve = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
+                 "-o", args.profile_app, "--", *serve]
+    procs.append(spawn(serve, app_env, work / "app.log"))
+    app = f"http://127.0.0.1:{app_port}"
+    wait_http(f"{app}/healthz", procs[-1], work / "app.log")
+    key = asyncio.run(app_key(app))
+
+    targets: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
+        "direct": (f"{fake}/v1/chat/completions", {},
+                   {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}),
+        "app": (f"{app}/v1/chat/completions", {"Authorization": f"Bearer {key}"},
+                {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "store": False,
+                 "retrieval": {"enabled": False}}),
+    }
+    litellm = Path(args.litellm)
+    if litellm.exists():
+        lite_port = free_port()
+        config = work / "litellm.yaml"
+        config.write_text(
+            "model_list:\n"
+            f"  - model_name: {MODEL}\n"
+            "    litellm_params:\n"
+            f"      model: openai/{MODEL}\n"
+            f"      api_base: {fake}/v1\n"
+            "      api_key: none\n"
+            "general_settings:\n"
+            "  master_key: sk-bench-master\n"
+            "litellm_settings:\n"
+            "  telemetry: false\n")
+        lite_env = {k: v for k, v in env.items() if k not in ("DATABASE_URL",)}
+        procs.append(spawn([str(litellm), "--config", str(config), "--port",
+                            str(lite_port), "--num_workers", "1"], lite_env,
+                           work / "litellm.log"))
+        wait_http(f"http://127.0.0.1:{lite_port}/health/liveliness", procs[-1],
+                  work / "litellm.log")
+        targets["litellm"] = (f"http://127.0.0.1:{lite_port}/v1/chat/completions",
+                              {"Authorization": "Bearer sk-bench-master"},
+                              {"model": MODEL, "messages": MESSAGES, "max_tokens": 8})
+    else:
+        print(f"LiteLLM not found at {litellm}: skipped", file=sys.stderr)
+
+    results: dict[str, dict[str, float]] = {}
+    for name, (url, headers, body) in targets.items():
+        lat = asyncio.run(fixed_rate(url, headers, body, args.rps, args.seconds))
+        rps = asyncio.run(max_rate(url, headers, body, args.concurrency, args.seconds))
+        results[name] = {"p50": pct(lat, 0.5) * 1000, "p99": pct(lat, 0.99) * 1000,
+                         "max_rps": rps}
+        print(f"{name:8s} p50 {results[name]['p50']:7.2f} ms  p99 "
+              f"{results[name]['p99']:7.2f} ms  max {rps:7.0f} req/s", flush=True)
+    base = results["direct"]
+    print(f"\nadded latency at {args.rps:g} RPS over direct:")
+    for name in ("app", "litellm"):
+        if name in results:
+            r = results[name]
+            print(f"  {name:8s} p50 +{r['p50'] - base['p50']:.2f} ms  p99 "
+                  f"+{r['p99'] - base['p99']:.2f} ms  max {r['max_rps']:.0f} req/s")
+    if "litellm" in results:
+        print(f"\napp max RPS / LiteLLM max RPS: "
+              f"{results['app']['max_rps'] / results['litellm']['max_rps']:.2f}x")
 
 
 if __name__ == "__main__":

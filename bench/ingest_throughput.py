@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -77,6 +78,25 @@ def raw_encode(models: Models, texts: list[str]) -> float:
     started = time.perf_counter()
     models.dense.embed(texts)
     return len(texts) / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def backing_services(prefix: str, need_redis: bool = True) -> Iterator[tuple[Path, str, str]]:
+    """A scratch folder, and the database and Redis URLs: DATABASE_URL and REDIS_URL when
+    set, else an embedded PostgreSQL and Redis started in the folder (all removed after)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    stack = None
+    try:
+        db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
+        if not db_url or (need_redis and not redis_url):
+            stack = EmbeddedStack(folder / "stack")
+            endpoints = stack.start()
+            db_url, redis_url = endpoints.database_url, endpoints.redis_url
+        yield folder, db_url, redis_url or ""
+    finally:
+        if stack is not None:
+            stack.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def scratch_db(owner_url: str) -> str:
@@ -152,19 +172,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=defaults.coalesce_max_texts)
     parser.add_argument("--eager", type=int, default=defaults.coalesce_eager_texts)
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="tenantrag-bench-"))
-    stack = None
-    try:
-        db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
-        if not (db_url and redis_url):
-            stack = EmbeddedStack(folder / "stack")
-            endpoints = stack.start()
-            db_url, redis_url = endpoints.database_url, endpoints.redis_url
+    with backing_services("tenantrag-bench-") as (folder, db_url, redis_url):
         run(args, folder, db_url, redis_url)
-    finally:
-        if stack is not None:
-            stack.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, folder: Path, db_url: str, redis_url: str) -> None:

@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import redis.asyncio as aioredis
-from ingest_throughput import scratch_db
+from ingest_throughput import backing_services, scratch_db
 
 from app.db.engine import Database, make_engine
 from app.db.migrate import migrate
 from app.db.models import Tenant, Tier, UsageEvent
-from app.embedded import EmbeddedStack
 from app.quotas.limiter import Limits, RateLimiter
 from app.quotas.usage_writer import UsageWriter, write_events
 from app.settings import DatabaseSettings, as_asyncpg_url
@@ -152,20 +147,9 @@ def main() -> None:
     parser.add_argument("--admissions", type=int, default=5000)
     parser.add_argument("--events", type=int, default=20000)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-quota-"))
-    stack: EmbeddedStack | None = None
-    try:
-        db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
-        if not (db_url and redis_url):
-            stack = EmbeddedStack(work / "stack")
-            endpoints = stack.start()
-            db_url, redis_url = endpoints.database_url, endpoints.redis_url
+    with backing_services("bench-quota-") as (_, db_url, redis_url):
         asyncio.run(bench_admission(redis_url, args.admissions))
         asyncio.run(bench_writes(asyncio.run(scratch_db(as_asyncpg_url(db_url))), args.events))
-    finally:
-        if stack is not None:
-            stack.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

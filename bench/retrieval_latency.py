@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from ingest_throughput import corpus, scratch_db
+from ingest_throughput import backing_services, corpus, scratch_db
 
 from app.db.engine import Database, make_engine
 from app.db.migrate import migrate
@@ -38,7 +35,6 @@ from app.db.models import Document, DocumentStatus, KnowledgeBase, Tenant, Tier
 from app.domain.knowledge import unsettled
 from app.domain.knowledge.pipeline import point_id
 from app.domain.search.service import SearchService
-from app.embedded import EmbeddedStack
 from app.embeddings import Models, load_models
 from app.settings import ChatSettings, DatabaseSettings, IngestSettings
 from ingestion import chunk_document, parse_document
@@ -167,19 +163,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    folder = Path(tempfile.mkdtemp(prefix="tenantrag-latency-"))
-    stack = None
-    try:
-        db_url = os.environ.get("DATABASE_URL")
-        if not db_url:
-            stack = EmbeddedStack(folder / "stack")
-            db_url = stack.start().database_url
+    with backing_services("tenantrag-latency-", need_redis=False) as (folder, db_url, _):
         models = load_models(IngestSettings())
         asyncio.run(run(db_url, folder, sizes, args.queries, models))
-    finally:
-        if stack is not None:
-            stack.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
