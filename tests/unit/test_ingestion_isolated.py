@@ -35,9 +35,25 @@ def parser() -> Iterator[IsolatedParser]:
     isolated.close()
 
 
-def helper_processes() -> list[psutil.Process]:
+_OTHERS: set[int] = set()  # helpers of other parsers in this process (the suite's app)
+
+
+def _all_helpers() -> list[psutil.Process]:
     return [p for p in psutil.Process().children()
             if "ingestion.parse_worker" in " ".join(p.cmdline())]
+
+
+@pytest.fixture(autouse=True)
+def _others_helpers() -> None:
+    """Helpers that existed before the test are not its parser's (in a full run, the
+    session's app has a parser of its own)."""
+    _OTHERS.clear()
+    _OTHERS.update(p.pid for p in _all_helpers())
+
+
+def helper_processes() -> list[psutil.Process]:
+    """The helper processes of the parser under test."""
+    return [p for p in _all_helpers() if p.pid not in _OTHERS]
 
 
 def parsing_child(within_s: float = 10) -> psutil.Process:
