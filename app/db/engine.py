@@ -56,20 +56,22 @@ class Database:
                   callback: Callable[[set[object]], None]) -> None:
         """After each commit, call ``callback`` with ``keys(row)`` of every ORM row the
         transaction added, changed or deleted (rows ``keys`` maps to None are ignored)."""
+        info_key = f"changed_keys:{id(callback)}"  # each registration its own set
+
         def after_flush(session: Session, _: object) -> None:
-            changed = session.info.setdefault("changed_keys", set())
+            changed = session.info.setdefault(info_key, set())
             for row in (*session.new, *session.dirty, *session.deleted):
                 key = keys(row)
                 if key is not None:
                     changed.add(key)
 
         def after_commit(session: Session) -> None:
-            changed = session.info.pop("changed_keys", None)
+            changed = session.info.pop(info_key, None)
             if changed:
                 callback(changed)
 
         def after_rollback(session: Session) -> None:
-            session.info.pop("changed_keys", None)
+            session.info.pop(info_key, None)
 
         event.listen(self._session_class, "after_flush", after_flush)
         event.listen(self._session_class, "after_commit", after_commit)

@@ -190,6 +190,9 @@ class DispatchedStream:
         ok: bool | None = None
         try:
             async for event in self._stream.events():
+                if event.chunk is None:  # [DONE]: the replica did its job (callers stop
+                    ok = True            # reading here, so the loop may never end)
+                    self._lease.release(True)
                 yield event
             ok = True
         except (UpstreamError, UpstreamTimeoutError):

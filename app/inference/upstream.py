@@ -59,7 +59,7 @@ class UpstreamStream:
         except (aiohttp.ClientError, ValueError) as exc:
             raise UpstreamError(f"generation server failed mid-stream: {exc!r}") from exc
         finally:
-            self._response.close()
+            self._response.release()  # back to the pool when fully read, else closed
 
     async def close(self) -> None:
         """Close without reading (the client went away before we started)."""
@@ -83,7 +83,9 @@ class HttpClient:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0,
                                                keepalive_timeout=30.0, ttl_dns_cache=60),
-                timeout=aiohttp.ClientTimeout(total=None, connect=s.connect_timeout_s,
+                # sock_connect bounds reaching a server; waiting for a free pooled
+                # connection is not a sign of a dead server (aiohttp's connect= is both).
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
                                               sock_read=s.read_timeout_s),
                 auto_decompress=True)
         return self._session

@@ -105,15 +105,35 @@ async def test_a_blocked_message_is_refused_before_any_work_and_recorded(
         {"role": "user", "content": "PROJECT FALCON details please"}])
     assert text == INPUT_REFUSAL and reasons == ["content_filter"]
     assert fake.stats.requests == sent  # nothing was generated
+    # A blocked message earlier in the same request is caught too.
+    earlier = await http.post("/v1/chat/completions", headers=t.chat, json=body(messages=[
+        {"role": "user", "content": "Tell me about Project Falcon."},
+        {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Go on"}]))
+    assert earlier.json()["choices"][0]["finish_reason"] == "content_filter"
     # A word that merely contains the term is not a hit.
     ok = await http.post("/v1/chat/completions", headers=t.chat,
                          json=body("Is project falconry a hobby?"))
     assert ok.json()["choices"][0]["finish_reason"] != "content_filter"
     hits = (await http.get("/v1/tenant/content-rules/hits", headers=t.admin)).json()
     assert [(h["direction"], h["rule"], h["end_user"]) for h in hits["data"]] == [
-        ("input", "term:Project Falcon", "ann")] * 2
+        ("input", "term:Project Falcon", "ann")] * 3
     statuses = [r["status"] for r in await owner_rows(settings, "usage_events", t.info["id"])]
-    assert statuses.count("content_blocked") == 2
+    assert statuses.count("content_blocked") == 3
+
+
+async def test_refused_messages_still_count_against_the_rate_limit(
+    client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+) -> None:
+    t = await tenant_with_rules(client, admin_headers, http, blocked_terms=["falcon"])
+    blocked = body("falcon?")
+    assert (await http.post("/v1/chat/completions", headers=t.chat, json=blocked)).status_code \
+        == 200
+    limited = await tenant_with_rules(client, admin_headers, http, blocked_terms=["falcon"])
+    await client.patch(f"/admin/tenants/{limited.info['id']}", headers=admin_headers,
+                       json={"rpm_limit": 1})
+    first = await http.post("/v1/chat/completions", headers=limited.chat, json=blocked)
+    second = await http.post("/v1/chat/completions", headers=limited.chat, json=blocked)
+    assert first.status_code == 200 and second.status_code == 429
 
 
 async def test_a_blocked_answer_stops_mid_stream_and_never_shows_the_term(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from app.db.models import Tenant
+from app.domain.chat.schemas import Citation
 from app.domain.content_rules.matcher import Rule, StreamGuard, first_hit
 from app.domain.content_rules.service import rules_of
 
@@ -36,6 +37,12 @@ class AnswerFilter:
         """The rule the user's message breaks, if any."""
         self.hit = first_hit(self.rules, text) if self.rules else None
         return self.hit
+
+    def citation(self, cited: Citation) -> Citation:
+        """A citation whose snippet breaks a rule keeps its place but not its text."""
+        if self.rules and first_hit(self.rules, cited.snippet) is not None:
+            return cited.model_copy(update={"snippet": ""})
+        return cited
 
     def whole(self, answer: str) -> tuple[str, bool]:
         """A complete answer as the user gets it, and whether a rule stopped it."""

@@ -47,6 +47,7 @@ async def chat_completions(
     prepared = await chat.prepare(tenant, _within_embed_scope(request, data),
                                   _request_id(request))
     if prepared.refused:  # the message breaks the tenant's content rules
+        await chat.admit(tenant, prepared)  # still a request: rate limits apply (cost 0)
         if data.stream:
             return Stream(chat.refusal_stream(tenant, prepared), media_type="text/event-stream")
         return Response(chat.refusal(tenant, prepared))
@@ -70,6 +71,9 @@ def _within_embed_scope(request: AnyRequest,
         return data
     if data.user is not None and data.user != embed.end_user:
         raise PermissionDeniedError("this embed token is for another end user")
+    if any(m.role in ("system", "developer") for m in data.messages):
+        raise PermissionDeniedError("an embed token may not send system or developer "
+                                    "messages: the tenant's prompt is set by its admins")
     kbs = data.knowledge_base_ids
     if kbs is not None and not set(kbs) <= embed.kb_ids:
         raise PermissionDeniedError("this embed token does not cover these knowledge bases")
@@ -95,6 +99,8 @@ def _request_id(request: AnyRequest) -> str | None:
         return None
     if not _REQUEST_ID.fullmatch(value):
         raise BadRequestError("X-Request-Id must be 1-100 letters, digits or ._:-")
+    if value.startswith("ingest:"):  # ingestion's usage events are metered under these
+        raise BadRequestError("X-Request-Id may not start with 'ingest:' (reserved)")
     return value
 
 

@@ -161,7 +161,9 @@ class ChatService:
             raise BadRequestError("the last message must be the user's")
         end_user = req.user or ""
         answer_filter = AnswerFilter.of(tenant)
-        if answer_filter.check_input(turns[-1]["content"]) is not None:
+        system = [caller_system] if isinstance(caller_system, str) else caller_system or []
+        sent = "\n".join([*system, *(t["content"] for t in turns)])
+        if answer_filter.check_input(sent) is not None:
             return self._refused(req, route, turns, answer_filter, end_user, request_id)
         history: list[dict[str, str]] = []
         conversation_id = req.conversation_id
@@ -175,7 +177,7 @@ class ChatService:
                             caller_system=caller_system, passages=passages,
                             history=[*history, *turns[:-1]], turns=turns[-1:])
         messages, bound, kept = await self._fit(route, req.model, parts, max_tokens)
-        citations = [_citation(i, p, self.chat.snippet_chars)
+        citations = [answer_filter.citation(_citation(i, p, self.chat.snippet_chars))
                      for i, p in enumerate((passages or [])[:kept], start=1)]
         body: dict[str, Any] = {
             "model": req.model, "messages": messages, "max_tokens": max_tokens,
@@ -341,7 +343,9 @@ class ChatService:
                                       "code": exc.code}})
             await self._record(tenant, p, "".join(p.shown))
             p.recorded = True
-            await self.finish(tenant, p)  # slots free before [DONE]
+            # Slots free before [DONE]; shielded: a client leaving now must not stop it
+            # halfway (finish marks itself done first, so it would not run again).
+            await asyncio.shield(_detach(self.finish(tenant, p)))
         finally:
             _detach(self._wrap_up(tenant, p))
         yield b"data: [DONE]\n\n"

@@ -20,16 +20,29 @@ CONTEXT_CHARS = 64  # released text kept as context (word boundaries, lookbehind
 
 @dataclass(frozen=True)
 class Rule:
-    """One compiled rule and how it is shown in the record of hits."""
+    """One compiled rule and how it is shown in the record of hits. All of a tenant's
+    terms are one rule (a named list: one pass over the text, however many terms);
+    ``terms`` maps a matched text back to the term as the tenant wrote it."""
 
     name: str
     pattern: regex.Pattern[str]
+    terms: dict[str, str] = field(default_factory=dict)
+
+    def hit_name(self, match: regex.Match[str]) -> str:
+        """How the record names the hit."""
+        if not self.terms:
+            return self.name
+        found = " ".join(match.group(0).split()).casefold()
+        return f"term:{self.terms.get(found, match.group(0))}"
 
 
 def compile_rules(terms: Sequence[str], patterns: Sequence[str]) -> list[Rule]:
     """The tenant's rules, compiled; a bad pattern raises ``regex.error``."""
-    rules = [Rule(f"term:{t}", regex.compile(rf"(?i)(?<!\w){regex.escape(t)}(?!\w)"))
-             for t in terms if t.strip()]
+    kept = {" ".join(t.split()).casefold(): t for t in terms if t.strip()}
+    rules = []
+    if kept:
+        rules.append(Rule("terms", regex.compile(r"(?i)(?<!\w)\L<terms>(?!\w)",
+                                                 terms=list(kept.values())), kept))
     rules += [Rule(f"pattern:{p}", regex.compile(p)) for p in patterns]
     return rules
 
@@ -38,10 +51,11 @@ def first_hit(rules: Sequence[Rule], text: str) -> str | None:
     """The name of the first rule ``text`` breaks, if any."""
     for rule in rules:
         try:
-            if rule.pattern.search(text, timeout=SEARCH_TIMEOUT_S) is not None:
-                return rule.name
+            match = rule.pattern.search(text, timeout=SEARCH_TIMEOUT_S)
         except TimeoutError:
             return f"{rule.name} (timed out)"
+        if match is not None:
+            return rule.hit_name(match)
     return None
 
 
@@ -71,7 +85,7 @@ class StreamGuard:
             if m is None:
                 continue
             if not m.partial:
-                self.hit = rule.name
+                self.hit = rule.hit_name(m)
                 return ""
             keep_from = min(keep_from, m.start())
         cut = max(0, keep_from - len(self._context))
