@@ -53,7 +53,6 @@ from app.inference.upstream import (
     StreamEvent,
     Upstream,
     UpstreamStream,
-    make_http_client,
 )
 from app.quotas.costs import request_cost, token_cost
 from app.settings import DispatchSettings, LlmSettings
@@ -217,7 +216,7 @@ class Dispatcher:
         self.settings = settings
         self.llm = llm
         self._salt_key = cache_salt_key
-        self._client = client or make_http_client(llm)
+        self._client = client or HttpClient(llm)
         self._owns_client = client is None
         self.pools: list[Pool] = []
         default_key = llm.api_key.get_secret_value() if llm.api_key else None

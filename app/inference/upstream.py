@@ -97,11 +97,6 @@ class HttpClient:
             self._session = None
 
 
-def make_http_client(settings: LlmSettings) -> HttpClient:
-    """The pooled HTTP client of a dispatcher."""
-    return HttpClient(settings)
-
-
 class Upstream:
     """An OpenAI-compatible server at ``base_url`` (ending in ``/v1``), over a client
     shared with the other servers (its owner closes it)."""

@@ -16,7 +16,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from app.db.engine import Database
 from app.db.models import SystemMessagePolicy, SystemPromptVersion, Tenant, utcnow
 from app.domain.audit.records import AuditAction, record_audit
-from app.errors import NotFoundError
+from app.domain.tenants.rows import tenant_row_in
 
 
 async def record_prompt(session: AsyncSession, tenant: Tenant, text: str,
@@ -60,7 +60,7 @@ class PromptService:
     async def current(self, tenant_id: uuid.UUID) -> tuple[Tenant, SystemPromptVersion | None]:
         """The tenant (prompt and policy) and the newest version row, if any."""
         async with self.db.tenant(tenant_id) as session:
-            tenant = await _tenant(session, tenant_id)
+            tenant = await tenant_row_in(session, tenant_id)
             newest = (await session.exec(
                 select(SystemPromptVersion).order_by(col(SystemPromptVersion.version).desc())
                 .limit(1))).first()
@@ -72,7 +72,7 @@ class PromptService:
     ) -> tuple[Tenant, SystemPromptVersion | None]:
         """Set a new prompt (a new version) and/or the policy."""
         async with self.db.tenant(tenant_id) as session:
-            tenant = await _tenant(session, tenant_id, lock=True)
+            tenant = await tenant_row_in(session, tenant_id, lock=True)
             await change_prompt(session, tenant, text, policy, by)
             tenant.updated_at = utcnow()
             session.add(tenant)
@@ -89,9 +89,3 @@ class PromptService:
                 .limit(limit).offset(offset))).all()
         return list(rows), int(total)
 
-
-async def _tenant(session: AsyncSession, tenant_id: uuid.UUID, lock: bool = False) -> Tenant:
-    tenant = await session.get(Tenant, tenant_id, with_for_update=lock)
-    if tenant is None:
-        raise NotFoundError(f"tenant {tenant_id} not found")
-    return tenant
