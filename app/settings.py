@@ -138,7 +138,11 @@ class IngestSettings(BaseSettings):
     chunk_overlap_tokens: int = Field(default=30, ge=0, le=256)
     embedding_model: str | None = None
     embedding_device: str = "cpu"
-    embedding_batch_size: int = Field(default=32, ge=1, le=1024)
+    # Texts per forward pass; unset: 8 on the CPU (less padding), 64 on an accelerator.
+    embedding_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    # Copies of the model (shared weights) that embed at once in a worker, one torch
+    # thread each; unset: one per core on the CPU, one on an accelerator.
+    embedding_replicas: int | None = Field(default=None, ge=1, le=64)
     # Worker threads' embedding calls are merged: up to this many texts per model call,
     # waiting at most this long for more (large, length-sorted batches: ~1.5x throughput).
     coalesce_max_texts: int = Field(default=256, ge=1)

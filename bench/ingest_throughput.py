@@ -6,7 +6,9 @@ Uses DATABASE_URL/REDIS_URL when set, else starts the embedded stack in a temp f
 Pipeline = upload (one transaction each) -> outbox relay -> Redis broker -> Dramatiq worker
 threads -> parse -> chunk -> embed (dense + BM25) -> upsert into the embedded vector store
 -> publish. Raw = the embedding model's encode alone on exactly the chunk texts the
-pipeline produced. Raw is measured before and after the pipeline; their mean is the base.
+pipeline produced, in one call: ``model.encode`` at 8 and at 32 texts per forward pass,
+and the workers' replicas in parallel; each is measured before and after the pipeline,
+and the fastest way's mean is the base.
 Target (issue 3): pipeline >= 85% of raw.
 """
 
@@ -21,7 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,7 +39,7 @@ from app.domain.knowledge.document_service import DocumentService, IncomingFile
 from app.domain.knowledge.kb_service import KnowledgeBaseService
 from app.domain.knowledge.schemas import KnowledgeBaseCreate
 from app.embedded import EmbeddedStack
-from app.embeddings import Models, load_models
+from app.embeddings import Models, embedding_replicas, load_models, parallel_embedding
 from app.settings import (
     DatabaseSettings,
     IngestSettings,
@@ -48,6 +50,7 @@ from app.settings import (
     WorkerSettings,
 )
 from ingestion import chunk_document, parse_document
+from retrieval.batching import EmbeddingBatcher, _Request
 from workers.process import start_workers
 
 WORDS = [
@@ -73,11 +76,25 @@ def corpus(docs: int, paragraphs: int, seed: int = 7) -> list[bytes]:
     return out
 
 
-def raw_encode(models: Models, texts: list[str]) -> float:
-    """Chunks per second of the model alone (batched as the pipeline batches)."""
-    started = time.perf_counter()
-    models.dense.embed(texts)
-    return len(texts) / (time.perf_counter() - started)
+def raw_encode(models: Models, ingest: IngestSettings, texts: list[str]) -> dict[str, float]:
+    """Chunks per second of the model alone, all texts in one call: ``model.encode``
+    (sorted by length: least padding) at 8 and at 32 texts per forward pass, and the
+    workers' own way of running it (`parallel_embedding`: replicas, passes of 8)."""
+    ways: dict[str, Callable[[], object]] = {
+        "model.encode, passes of 8": lambda: models.dense.embed(texts, batch_size=8),
+        "model.encode, passes of 32": lambda: models.dense.embed(texts, batch_size=32),
+    }
+    rates = {}
+    for name, encode in ways.items():
+        started = time.perf_counter()
+        encode()
+        rates[name] = len(texts) / (time.perf_counter() - started)
+    with parallel_embedding(models, ingest) as embed:
+        name = f"{embedding_replicas(ingest)} replicas in parallel, passes of 8"
+        started = time.perf_counter()
+        embed(texts)
+        rates[name] = len(texts) / (time.perf_counter() - started)
+    return rates
 
 
 @contextlib.contextmanager
@@ -109,21 +126,27 @@ async def scratch_db(owner_url: str) -> str:
 
 
 class ModelClock:
-    """Wraps the model's embed to tell how long the model was busy, in how many calls."""
+    """Times the workers' model calls (each merged batch, over every replica) to tell how
+    long the model was busy, in how many calls."""
 
-    def __init__(self, models: Models) -> None:
+    def __init__(self) -> None:
         self.seconds, self.calls, self.texts = 0.0, 0, 0
-        self._embed = models.dense.embed
-        models.dense.embed = self  # type: ignore[method-assign]
+        self._run = EmbeddingBatcher._run
+        clock = self
 
-    def __call__(self, texts: Sequence[str]) -> list[list[float]]:
-        started = time.perf_counter()
-        try:
-            return self._embed(texts)
-        finally:
-            self.seconds += time.perf_counter() - started
-            self.calls += 1
-            self.texts += len(texts)
+        def timed(batcher: EmbeddingBatcher, batch: list[_Request]) -> None:
+            started = time.perf_counter()
+            try:
+                clock._run(batcher, batch)
+            finally:
+                clock.seconds += time.perf_counter() - started
+                clock.calls += 1
+                clock.texts += sum(len(r.texts) for r in batch)
+
+        setattr(EmbeddingBatcher, "_run", timed)  # noqa: B010
+
+    def close(self) -> None:
+        setattr(EmbeddingBatcher, "_run", self._run)  # noqa: B010
 
 
 async def pipeline_run(settings: Settings, models: Models, docs: list[bytes]) -> tuple[float, int]:
@@ -136,7 +159,7 @@ async def pipeline_run(settings: Settings, models: Models, docs: list[bytes]) ->
     kb = await KnowledgeBaseService(db).create(tenant.id, KnowledgeBaseCreate(name="bench"),
                                                CLI)
     service = DocumentService(db, settings.ingest)
-    clock = ModelClock(models)  # before the workers take the model's embed
+    clock = ModelClock()
     running = await asyncio.to_thread(start_workers, settings, None, models)
     started = time.perf_counter()
     for i, data in enumerate(docs):
@@ -146,6 +169,7 @@ async def pipeline_run(settings: Settings, models: Models, docs: list[bytes]) ->
     elapsed = time.perf_counter() - started
     print(f"pipeline: {elapsed:.1f} s wall; the model was busy {clock.seconds:.1f} s in "
           f"{clock.calls} calls of {clock.texts / max(clock.calls, 1):.0f} texts on average")
+    clock.close()
     await asyncio.to_thread(running.stop)
     await db.close()
     return chunks / elapsed, chunks
@@ -184,7 +208,7 @@ def run(args: argparse.Namespace, folder: Path, db_url: str, redis_url: str) -> 
     texts = [c.text for d in docs
              for c in chunk_document(parse_document(d, "markdown"), models.counter)]
     models.dense.embed(texts[:64])  # warm-up
-    raw_before = raw_encode(models, texts)
+    raw_before = raw_encode(models, ingest, texts)
     url = asyncio.run(scratch_db(DatabaseSettings(url=db_url).owner_url()))
     settings = Settings(
         server=ServerSettings(env="test", data_dir=folder),
@@ -193,12 +217,18 @@ def run(args: argparse.Namespace, folder: Path, db_url: str, redis_url: str) -> 
         worker=WorkerSettings(threads=args.threads, namespace=f"bench-{uuid.uuid4().hex[:6]}"),
     )
     piped, chunks = asyncio.run(pipeline_run(settings, models, docs))
-    raw_after = raw_encode(models, texts)
-    raw = (raw_before + raw_after) / 2
+    raw_after = raw_encode(models, ingest, texts)
+    # The base is the fastest way's mean: the pipeline is held to the model's best.
+    means = {way: (raw_before[way] + raw_after[way]) / 2 for way in raw_before}
+    best = max(means, key=lambda way: means[way])
+    raw = means[best]
     assert chunks == len(texts), (chunks, len(texts))
     print(f"chunks: {chunks} from {len(docs)} documents; worker threads: {args.threads}; "
           f"batches of <= {args.max_batch} texts, eager at {args.eager}")
-    print(f"raw model.encode: {raw:.1f} chunks/s (before {raw_before:.1f}, after {raw_after:.1f})")
+    for way, rate in means.items():
+        print(f"raw, one call, {way}: {rate:.1f} chunks/s "
+              f"(before {raw_before[way]:.1f}, after {raw_after[way]:.1f})")
+    print(f"raw (the fastest: {best}): {raw:.1f} chunks/s")
     print(f"pipeline end to end: {piped:.1f} chunks/s")
     print(f"ratio pipeline/raw: {piped / raw:.1%} (target >= 85%)")
 

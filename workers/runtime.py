@@ -24,7 +24,7 @@ import dramatiq
 from app.db.engine import Database, make_engine
 from app.domain.knowledge.pipeline import IngestPipeline, isolated_parser
 from app.domain.knowledge.sweeper import StuckDocumentSweeper
-from app.embeddings import Models, check_vector_size, load_models
+from app.embeddings import Models, check_vector_size, load_models, parallel_embedding
 from app.inference.pools import configured_prices
 from app.outbox import DELETE_STALE_VERSIONS, INGEST_DOCUMENT
 from app.settings import Settings
@@ -112,7 +112,8 @@ class WorkerRuntime:
             self._stack.push_async_callback(self.store.close)
         else:
             self.store = self._given_store  # embedded mode: the API process's own store
-        batcher = EmbeddingBatcher(models.dense.embed, max_batch=s.ingest.coalesce_max_texts,
+        embed = self._stack.enter_context(parallel_embedding(models, s.ingest))
+        batcher = EmbeddingBatcher(embed, max_batch=s.ingest.coalesce_max_texts,
                                    max_wait_s=s.ingest.coalesce_wait_s,
                                    eager_batch=s.ingest.coalesce_eager_texts)
         self._stack.callback(batcher.close)

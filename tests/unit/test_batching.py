@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
 
-from retrieval.batching import EmbeddingBatcher
+from retrieval.batching import EmbeddingBatcher, ParallelEmbed
 
 
 class CountingEmbed:
@@ -55,3 +56,40 @@ def test_model_errors_reach_every_caller_of_the_batch() -> None:
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.embed(["a"])
+
+
+def test_a_caller_done_embedding_is_not_waited_for() -> None:
+    """A document storing its points after its last embed leaves the batch's wait: the
+    next caller's texts run at once, not after ``max_wait_s``."""
+    model = CountingEmbed()
+    batcher = EmbeddingBatcher(model, max_batch=1000, max_wait_s=5.0)
+    with batcher.participant() as leave_storing:
+        batcher.embed(["first"])  # alone: runs when the only participant has queued
+        leave_storing()
+        leave_storing()  # idempotent
+        with batcher.participant():
+            started = time.monotonic()
+            assert batcher.embed(["second"]) == model(["second"])
+            waited = time.monotonic() - started
+    batcher.close()
+    assert waited < 2.0  # not held for the 5 s wait on the one that left
+
+    # Without leaving, the same call waits for the other participant up to max_wait_s.
+    batcher = EmbeddingBatcher(model, max_batch=1000, max_wait_s=1.0)
+    with batcher.participant(), batcher.participant():
+        started = time.monotonic()
+        batcher.embed(["third"])
+        assert time.monotonic() - started >= 0.9
+    batcher.close()
+
+
+def test_parallel_embed_splits_over_replicas_and_keeps_order() -> None:
+    replicas = [CountingEmbed(), CountingEmbed()]
+    embed = ParallelEmbed(replicas)
+    texts = [f"{chr(97 + i % 26)}{'x' * (i * 7 % 13)}" for i in range(41)]
+    assert embed(texts) == CountingEmbed()(texts)
+    assert sorted(n for r in replicas for n in r.calls) == [20, 21]  # once each, half each
+    assert embed(["one"]) == CountingEmbed()(["one"])  # fewer texts than replicas
+    embed.close()
+    with pytest.raises(ValueError, match="at least one replica"):
+        ParallelEmbed([])

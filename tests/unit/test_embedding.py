@@ -159,6 +159,35 @@ def test_uncached_model_name_fails_fast_without_download(embedder: DenseEmbedder
         DenseEmbedder(EmbeddingConfig(model=name))
 
 
+def test_batch_size_defaults_to_the_device_and_does_not_change_vectors(
+        embedder: DenseEmbedder) -> None:
+    assert EmbeddingConfig().batch_size == embedder.batch_size == 8  # CPU: small passes
+    assert EmbeddingConfig(device="cuda").batch_size == 64
+    assert EmbeddingConfig(batch_size=32).batch_size == 32
+    texts = ["short", "a much longer text about the travel policy and its many rules " * 4,
+             *(f"policy number {i}" for i in range(20))]
+    assert np.allclose(embedder.embed(texts), embedder.embed(texts, batch_size=32), atol=1e-5)
+
+
+def test_replicas_in_parallel_give_the_models_vectors(embedder: DenseEmbedder) -> None:
+    import torch
+
+    from retrieval.batching import ParallelEmbed
+
+    texts = [f"rule {i}: " + "laptops must be locked " * (i % 9) for i in range(30)]
+    replica = embedder.replica()
+    assert replica._model is not embedder._model
+    assert next(replica._model.parameters()) is next(embedder._model.parameters())  # shared
+    threads = torch.get_num_threads()
+    embed = ParallelEmbed([embedder.embed, replica.embed])
+    try:
+        torch.set_num_threads(1)
+        assert np.allclose(embed(texts), embedder.embed(texts), atol=1e-5)
+    finally:
+        embed.close()
+        torch.set_num_threads(threads)
+
+
 def test_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         EmbeddingConfig(batch_size=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -99,8 +99,8 @@ class IngestPipeline:
             if not owned:
                 log.info("document %s is being processed by another worker", document_id)
                 return
-            with self.batcher.participant() if self.batcher else nullcontext():
-                await self._run_owned(tenant_id, document_id, version)
+            with self.batcher.participant() if self.batcher else nullcontext(_stay) as done:
+                await self._run_owned(tenant_id, document_id, version, done)
 
     @asynccontextmanager
     async def _lease(self, document_id: uuid.UUID) -> AsyncIterator[bool]:
@@ -118,7 +118,8 @@ class IngestPipeline:
                     await conn.execute(_UNLOCK, {"k": key})
                 await conn.rollback()
 
-    async def _run_owned(self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int) -> None:
+    async def _run_owned(self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int,
+                         done_embedding: Callable[[], None]) -> None:
         claimed = await self.claim(tenant_id, document_id, version)
         if claimed is None:
             return
@@ -133,7 +134,13 @@ class IngestPipeline:
             # Batches bound memory on big documents; a crash leaves a prefix of points
             # that the next attempt overwrites (same ids), never duplicates.
             batch = chunks[start:start + UPSERT_BATCH]
-            await self.store.upsert(tenant_id, await asyncio.to_thread(self._points, doc, batch))
+            points = await asyncio.to_thread(self._points, doc, batch)
+            if start + UPSERT_BATCH >= len(chunks):
+                # The model's next batch need not wait for us while we store and publish:
+                # its callers are the documents still to embed (the next batch is ready
+                # when this one ends, so the model does not idle between them).
+                done_embedding()
+            await self.store.upsert(tenant_id, points)
             await self._progress(tenant_id, doc, chunks_embedded=start + len(batch))
         if not await self.publish(tenant_id, document_id, version, len(chunks),
                                   sum(c.token_count for c in chunks)):
@@ -283,6 +290,10 @@ class IngestPipeline:
                        payload=_payload(doc, c, meta))
             for c, d, s in zip(chunks, dense, sparse, strict=True)
         ]
+
+
+def _stay() -> None:
+    """Without a batcher there is no batch to leave."""
 
 
 def isolated_parser(settings: IngestSettings) -> IsolatedParser:
