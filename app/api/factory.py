@@ -234,12 +234,23 @@ def provide_dispatcher(state: State) -> Dispatcher:
 
 
 def provide_chat(state: State) -> ChatService:
-    """The chat service; 503 when no generation server is configured."""
+    """The chat service; 503 when no generation server is configured. Built once and
+    kept (the chat path is the hot one), rebuilt when a part it holds is swapped."""
+    dispatcher = provide_dispatcher(state)
+    parts = (dispatcher, state.limiter, state.db, state.vector_store, state.models,
+             state.usage_writer, state.metrics, state.reranker)
+    cached = state.get("chat_service")
+    if cached is not None and all(a is b for a, b in zip(cached[0], parts, strict=True)):
+        service: ChatService = cached[1]
+        return service
     settings: Settings = state.settings
-    return ChatService(provide_search(state), ConversationService(state.db),
-                       provide_dispatcher(state), settings.llm, settings.chat,
-                       UsageService(state.db, state.usage_writer), state.limiter,
-                       state.metrics, ContentRulesService(state.db))
+    service = ChatService(provide_search(state), ConversationService(state.db),
+                          dispatcher, settings.llm, settings.chat,
+                          UsageService(state.db, state.usage_writer), state.limiter,
+                          state.metrics, ContentRulesService(state.db),
+                          tenants=TenantService(state.db))
+    state.chat_service = (parts, service)
+    return service
 
 
 def create_app(

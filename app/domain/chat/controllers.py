@@ -20,7 +20,6 @@ from app.api.paging import Offset
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.schemas import ChatCompletionRequest
 from app.domain.chat.service import ChatService
-from app.domain.tenants.service import TenantService
 from app.errors import BadRequestError, PermissionDeniedError
 
 AnyRequest = Request[Any, Any, Any]
@@ -40,10 +39,11 @@ EndUser = Annotated[str, QueryParameter(max_length=256,
       "chunk, before any content.")
 async def chat_completions(
     request: AnyRequest, data: JSONBody[ChatCompletionRequest],
-    chat: NamedDependency[ChatService], tenants: NamedDependency[TenantService],
+    chat: NamedDependency[ChatService],
 ) -> Response[Any]:
     """Answer with citations, streamed or whole."""
-    tenant = tenant_row(request) or await tenants.get_own(chat_tenant_of(request))
+    # One dependency: Litestar resolves two or more in a task group of their own.
+    tenant = tenant_row(request) or await chat.tenants.get_own(chat_tenant_of(request))
     prepared = await chat.prepare(tenant, _within_embed_scope(request, data),
                                   _request_id(request))
     if prepared.refused:  # the message breaks the tenant's content rules

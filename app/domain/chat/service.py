@@ -30,6 +30,7 @@ from app.domain.content_rules.service import ContentRulesService
 from app.domain.search.schemas import RetrievedChunk
 from app.domain.search.service import SearchService
 from app.domain.tenants.limits import effective_limit
+from app.domain.tenants.service import TenantService
 from app.errors import (
     BadRequestError,
     ContextLengthError,
@@ -131,7 +132,8 @@ class ChatService:
                  dispatcher: Dispatcher, llm: LlmSettings, chat: ChatSettings,
                  usage: UsageService, limiter: RateLimiter | None,
                  metrics: ServiceMetrics | None = None,
-                 content: ContentRulesService | None = None) -> None:
+                 content: ContentRulesService | None = None,
+                 tenants: TenantService | None = None) -> None:
         self.search = search
         self.conversations = conversations
         self.dispatcher = dispatcher
@@ -141,6 +143,7 @@ class ChatService:
         self.limiter = limiter
         self.metrics = metrics
         self.content = content
+        self.tenants = tenants or TenantService(conversations.db)
 
     async def prepare(self, tenant: Tenant, req: ChatCompletionRequest,
                       request_id: str | None = None) -> Prepared:
