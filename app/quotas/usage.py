@@ -10,7 +10,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import UsageEvent
-from app.quotas.usage_writer import UsageWriter, insert_events, write_events
+from app.quotas.usage_writer import Metered, UsageWriter, insert_events, write_events
 
 CHAT = "chat"
 EMBEDDING = "embedding"
@@ -23,7 +23,7 @@ class UsageService:
         self.db = db
         self.writer = writer
 
-    async def record(self, event: UsageEvent) -> bool:
+    async def record(self, event: Metered) -> bool:
         """Store the event (batched by the process's writer, if it has one); False if
         one with its request id exists (a replay)."""
         if self.writer is not None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
@@ -15,7 +17,7 @@ from litestar.testing import AsyncTestClient
 
 from app.db.engine import Database, make_engine
 from app.db.models import UsageEvent
-from app.quotas.usage_writer import UsageWriter, UsageWriterClosedError
+from app.quotas.usage_writer import ROW_FIELDS, UsageRow, UsageWriter, UsageWriterClosedError
 from app.settings import Settings
 from tests.faults import TcpProxy
 from tests.support import create_tenant, plain_dsn
@@ -102,3 +104,39 @@ async def test_a_postgres_outage_is_waited_out_without_losing_events(
     rows = await stored(settings, [tenant_id])
     assert sorted(r["request_id"] for r in rows) == sorted(
         ["before", *(f"during{i}" for i in range(50))])
+
+
+def test_plain_rows_have_the_tables_columns() -> None:
+    columns = {c.name for c in UsageEvent.__table__.c} - {"id"}  # type: ignore[attr-defined]
+    assert set(ROW_FIELDS) == columns
+
+
+async def test_a_plain_row_is_stored_like_the_orm_event(
+    client: Client, admin_headers: dict[str, str], settings: Settings, db: Database,
+) -> None:
+    [tenant_id] = await tenants(client, admin_headers, 1)
+    writer = UsageWriter(db)
+    writer.start()
+    fields: dict[str, Any] = {
+              "kind": "chat", "model": "m", "status": "ok", "end_user": "u1", "pool": "p",
+              "replica": "http://r/v1", "prompt_tokens": 11, "completion_tokens": 3,
+              "cached_tokens": 2, "ttft_ms": 4.5, "latency_ms": 9.0,
+              "cost_usd": Decimal("0.00012345"), "gpu_seconds": 0.25}
+    try:
+        assert await writer.record(UsageRow(tenant_id=tenant_id, request_id="row",
+                                            **fields)) is True
+        assert await writer.record(UsageEvent(tenant_id=tenant_id, request_id="orm",
+                                              **fields)) is True
+        assert await writer.record(UsageRow(tenant_id=tenant_id, request_id="orm",
+                                            **fields)) is False  # a replay either way
+    finally:
+        await writer.close()
+    conn = await asyncpg.connect(plain_dsn(settings.database.owner_url()))
+    try:
+        rows = await conn.fetch(f"SELECT request_id, {', '.join(fields)} FROM usage_events "
+                                "WHERE tenant_id = $1 ORDER BY request_id", tenant_id)
+    finally:
+        await conn.close()
+    assert [r["request_id"] for r in rows] == ["orm", "row"]
+    orm, row = ({k: v for k, v in r.items() if k != "request_id"} for r in rows)
+    assert orm == row == fields

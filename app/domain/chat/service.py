@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.db.models import ContentRuleHit, SystemMessagePolicy, Tenant, UsageEvent
+from app.db.models import ContentRuleHit, SystemMessagePolicy, Tenant
 from app.domain.chat.content import CONTENT_FILTER, INPUT_REFUSAL, OUTPUT_REFUSAL, AnswerFilter
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.prompt import (
@@ -52,6 +52,7 @@ from app.inference.dispatcher import (
 from app.quotas.limiter import Limits, RateLimiter, Ticket
 from app.quotas.metrics import ServiceMetrics
 from app.quotas.usage import CHAT, UsageService
+from app.quotas.usage_writer import UsageRow
 from app.settings import ChatSettings, LlmSettings
 
 log = logging.getLogger(__name__)
@@ -450,7 +451,7 @@ class ChatService:
                                         completion=usage.completion_tokens,
                                         cached=usage.cached_tokens)
             duration_s = time.perf_counter() - p.started
-            event = UsageEvent(
+            event = UsageRow(
                 tenant_id=tenant.id, request_id=p.metering_id, kind=CHAT,
                 end_user=p.end_user, model=p.model,
                 pool=p.where.pool if p.where else None,
