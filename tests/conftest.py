@@ -15,14 +15,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from pydantic import SecretStr
 
 from app.api.factory import create_app
-from app.db.migrate import migrate
 from app.embedded import EmbeddedStack
 from app.embeddings import Models, load_models
 from app.settings import (
@@ -37,7 +35,7 @@ from app.settings import (
     WorkerSettings,
     as_asyncpg_url,
 )
-from tests.support import EMBEDDING_PRICES, PLATFORM_KEY, TEST_PEPPER, plain_dsn, with_database
+from tests.support import EMBEDDING_PRICES, PLATFORM_KEY, TEST_PEPPER, migrated_database
 from workers.embedded import embedded_workers
 
 pytest_plugins = ["tests.llm_server"]  # the session's vLLM server (started on first use)
@@ -65,21 +63,8 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
 @pytest.fixture(scope="session")
 async def scratch_database(service_urls: tuple[str, str]) -> AsyncIterator[str]:
     """A fresh database on the server, migrated to head; dropped afterwards."""
-    owner_url, _ = service_urls
-    name = f"tenantrag_test_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(plain_dsn(owner_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = with_database(owner_url, name)
-    await migrate(DatabaseSettings(url=url))
-    yield url
-    admin = await asyncpg.connect(plain_dsn(owner_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with migrated_database(service_urls[0], "tenantrag_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

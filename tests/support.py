@@ -21,10 +21,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.api.factory import cache_salt_key
+from app.db.migrate import migrate
 from app.domain.chat.service import pending_wrap_ups
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import PoolConfig, PoolsConfig
-from app.settings import DispatchSettings, Settings, as_asyncpg_url
+from app.settings import DatabaseSettings, DispatchSettings, Settings, as_asyncpg_url
 
 PLATFORM_KEY = "test-platform-admin-key-0123456789abcdef"
 TEST_PEPPER = "test-pepper-0123456789abcdef0123456789"
@@ -37,6 +38,28 @@ def with_database(url: str, name: str) -> str:
     """The same server URL pointing at database ``name``."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@contextlib.asynccontextmanager
+async def migrated_database(owner_url: str, prefix: str) -> AsyncIterator[str]:
+    """A fresh database on the server (``prefix`` + a random suffix), migrated to head;
+    its URL. Dropped afterwards, connections and all."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(plain_dsn(owner_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = with_database(owner_url, name)
+    try:
+        await migrate(DatabaseSettings(url=url))
+        yield url
+    finally:
+        admin = await asyncpg.connect(plain_dsn(owner_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 def plain_dsn(url: str) -> str:

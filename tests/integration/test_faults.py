@@ -29,12 +29,18 @@ import asyncpg
 import httpx
 import pytest
 
-from app.db.migrate import migrate
 from app.settings import DatabaseSettings, Settings
 from retrieval.vectorstore import PointFilter, VectorStoreConfig, open_vector_store
 from tests.fake_openai import FakeConfig, FakeServer, free_port
 from tests.faults import TcpProxy
-from tests.support import PLATFORM_KEY, bearer, plain_dsn, start_api, wait_healthy, with_database
+from tests.support import (
+    PLATFORM_KEY,
+    bearer,
+    migrated_database,
+    plain_dsn,
+    start_api,
+    wait_healthy,
+)
 
 CUT_S = 4.0  # how long a backing service is gone
 RECOVERY_S = 15.0  # how soon after it is back every request must succeed again
@@ -117,17 +123,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 async def fault_db(service_urls: tuple[str, str]) -> AsyncIterator[str]:
-    owner = service_urls[0]
-    name = f"tenantrag_faults_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(plain_dsn(owner))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = with_database(owner, name)
-    await migrate(DatabaseSettings(url=url))
-    yield url
-    admin = await asyncpg.connect(plain_dsn(owner))
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
+    async with migrated_database(service_urls[0], "tenantrag_faults") as url:
+        yield url
 
 
 @pytest.fixture

@@ -19,12 +19,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import asyncpg
 import pytest
 from sqlalchemy import text
 
 from app.db.engine import Database, make_engine
-from app.db.migrate import migrate
 from app.db.models import Document, Tenant, Tier
 from app.domain.audit.records import CLI
 from app.domain.knowledge.document_service import DocumentService, IncomingFile
@@ -33,24 +31,15 @@ from app.domain.knowledge.pipeline import LEASE_KEY_SQL, lease_key
 from app.domain.knowledge.schemas import KnowledgeBaseCreate
 from app.settings import DatabaseSettings, IngestSettings
 from retrieval.vectorstore import PointFilter, VectorStoreConfig, open_vector_store
-from tests.support import TEST_PEPPER, plain_dsn, with_database
+from tests.support import TEST_PEPPER, migrated_database
 
 PARAGRAPHS = 1200  # ~200 chunks: embedding takes many seconds on 2 cores
 
 
 @pytest.fixture
 async def crash_db(service_urls: tuple[str, str]) -> AsyncIterator[str]:
-    owner_url = service_urls[0]
-    name = f"tenantrag_crash_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(plain_dsn(owner_url))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = with_database(owner_url, name)
-    await migrate(DatabaseSettings(url=url))
-    yield url
-    admin = await asyncpg.connect(plain_dsn(owner_url))
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
+    async with migrated_database(service_urls[0], "tenantrag_crash") as url:
+        yield url
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
