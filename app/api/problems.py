@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import asyncpg
+import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import DBAPIError
@@ -88,8 +89,34 @@ def domain_error_handler(_: Request[Any, Any, Any], exc: DomainError) -> Respons
     return problem(status_for(exc), exc.title, exc.detail, exc.code, **exc.extra)
 
 
-def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Pydantic's errors as Litestar reports them: each one's message and the dotted
+    path of its field."""
+    out: list[dict[str, str]] = []
+    for error in errors:
+        message = {"message": str(error.get("msg", "")).split(" - ", maxsplit=1)[0]}
+        if error.get("loc"):
+            message["key"] = ".".join(str(part) for part in error["loc"])
+        out.append(message)
+    return out
+
+
+def _misfiled(request: Request[Any, Any, Any], exc: HTTPException) -> HTTPException:
+    """Litestar takes an invalid body field that shares a dependency's name (``audit``,
+    ``settings``...: an unknown field a client sent) for a failing dependency and
+    answers 500. It is the client's 400."""
+    cause = exc.__cause__
+    if type(exc) is InternalServerException and isinstance(cause, msgspec.ValidationError) \
+            and isinstance(getattr(cause, "errors", None), list):
+        return ValidationException(
+            detail=f"Validation failed for {request.method} {request.url.path}",
+            extra=validation_errors(cause.errors))  # type: ignore[attr-defined]
+    return exc
+
+
+def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     """Litestar's own errors (validation, 404 route, 405...) in the same shape."""
+    exc = _misfiled(request, exc)
     extra: dict[str, Any] = {}
     if isinstance(exc, ValidationException) and exc.extra:
         extra["errors"] = exc.extra

@@ -138,7 +138,7 @@ async def test_key_operations_are_recorded_without_secrets(
         settings, "SELECT row_to_json(a)::text FROM audit_events a WHERE tenant_id = :t",
         t=t["id"])]
     secrets = [k["key"] for k in (admin, widget, replacement)]
-    secrets += [s.rsplit("_", 1)[1] for s in secrets] + hashes
+    secrets += [s.split("_", 2)[2] for s in secrets] + hashes  # trk_<prefix>_<secret>
     assert len(dumped) == 6 and len(hashes) == 3
     assert not [s for s in secrets for row in dumped if s in row]
 

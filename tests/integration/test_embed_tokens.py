@@ -220,3 +220,17 @@ async def test_allowed_origins_are_validated_and_take_effect_at_once(
     assert [e["details"]["changes"]["cors_origins"] for e in audit] == [  # newest first
         {"from": [later, SITE], "to": [SITE]}, {"from": [SITE], "to": [later, SITE]},
         {"from": [], "to": [SITE]}]
+
+
+async def test_an_unknown_field_named_like_a_service_is_the_clients_400(
+    client: Client, admin_headers: dict[str, str],
+) -> None:
+    # Litestar took a body error on a field named like one of the app's dependencies
+    # ("audit", "settings"...) for a failing dependency and answered 500.
+    site = await new_site(client, admin_headers)
+    resp = await client.post("/v1/embed-tokens", headers=bearer(site.backend["key"]),
+                             json={"user": "ann", "knowledge_base_ids": site.kbs,
+                                   "audit": [], "settings": 1})
+    assert resp.status_code == 400, resp.text
+    assert {e["key"] for e in resp.json()["errors"]} == {"audit", "settings"}
+    assert resp.json()["detail"] == "Validation failed for POST /v1/embed-tokens"
