@@ -74,11 +74,11 @@ class CorsMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """One request."""
-        origin = _header(scope, b"origin") if scope["type"] == ScopeType.HTTP else None
+        origin = header_of(scope, b"origin") if scope["type"] == ScopeType.HTTP else None
         if origin is None:
             await self.app(scope, receive, send)
             return
-        if scope.get("method") == "OPTIONS" and _header(scope,
+        if scope.get("method") == "OPTIONS" and header_of(scope,
                                                         b"access-control-request-method"):
             await _preflight(send, origin, await _registry(scope).contains(origin))
             return
@@ -94,13 +94,23 @@ class CorsMiddleware:
             if message["type"] == "http.response.start":
                 headers = MutableScopeHeaders.from_message(message)
                 headers.add("Vary", "Origin")
-                if origin in _tenant_origins(scope.get("user")) or (
-                        message["status"] >= 400 and allowed_anywhere):
+                if readable(origin, scope.get("user"), message["status"], allowed_anywhere):
                     headers.update(cors_headers(origin))
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
         error_origin_var.set(None)
+
+
+def readable(origin: str, user: Any, status: int, allowed_anywhere: bool) -> bool:
+    """May the page on ``origin`` read this answer? The caller's tenant allows the
+    origin, or it is an error and some tenant allows it."""
+    return origin in _tenant_origins(user) or (status >= 400 and allowed_anywhere)
+
+
+def allowed_origins_of(scope: Scope) -> AllowedOrigins:
+    """The process's registry of origins some tenant allows."""
+    return _registry(scope)
 
 
 def cors_headers(origin: str) -> dict[str, str]:
@@ -141,7 +151,9 @@ async def _preflight(send: Send, origin: str, allowed: bool) -> None:
     await send(HTTPResponseBodyEvent(type="http.response.body", body=body, more_body=False))
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header_of(scope: Scope, name: bytes) -> str | None:
+    """The first ``name`` header of the request (lower-case), without building the
+    request's Headers."""
     for key, value in scope["headers"]:
         if key == name:
             return bytes(value).decode("latin-1")

@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 import redis.asyncio as aioredis
 from litestar import Litestar
@@ -19,6 +20,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from app.api.auth import PUBLIC_PATHS, ApiKeyMiddleware
 from app.api.cors import AllowedOrigins, CorsMiddleware
+from app.api.fast_chat import ChatEndpoint, is_chat_request
 from app.api.openapi import document_problems
 from app.api.problems import EXCEPTION_HANDLERS
 from app.api.request_context import request_middleware
@@ -253,9 +255,25 @@ def provide_chat(state: State) -> ChatService:
     return service
 
 
+class Api(Litestar):
+    """The Litestar app, with ``POST /v1/chat/completions`` answered by ``fast_chat``
+    (outside Litestar's layers: app/api/fast_chat.py) when it is set."""
+
+    fast_chat: ChatEndpoint | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Application entry point."""
+        if self.fast_chat is not None and is_chat_request(scope):
+            scope["app"] = scope["litestar_app"] = self
+            scope.setdefault("state", {})
+            await self.fast_chat(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings, *, extra_lifespans: Sequence[Lifespan] = (), models: Models | None = None
-) -> Litestar:
+) -> Api:
     """Build the API. ``extra_lifespans`` lets the composition root (the CLI) add, for
     example, in-process worker threads without the request path importing workers;
     ``models`` lets a caller share already-loaded embedding models (tests do)."""
@@ -268,7 +286,7 @@ def create_app(
         }),
         security=[{"apiKey": []}],
     )
-    app = Litestar(
+    app = Api(
         route_handlers=[healthz, readyz, whoami, list_models, TenantAdminController,
                         PlatformKeysController, TenantKeysController, KnowledgeBaseController,
                         retrieve, chat_completions, ConversationController,
@@ -303,6 +321,6 @@ def create_app(
         logging_config=None,  # the process's logging is app/logs.py's (JSON lines, ids)
     )
     document_problems(app)
-    return app
-    document_problems(app)
+    if not settings.tracing.exporter_otlp_endpoint:  # with tracing: Litestar's route, spans
+        app.fast_chat = ChatEndpoint(app, provide_chat, settings.server.max_request_bytes)
     return app

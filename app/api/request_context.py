@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 
 from litestar.datastructures import Headers, MutableScopeHeaders
 from litestar.enums import ScopeType
@@ -22,6 +21,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.problems import status_for
 from app.api.tracing import tracing_middleware
 from app.errors import DomainError
+from app.ids import new_id
 from app.logs import request_id_var, tenant_id_var
 from app.settings import Settings
 
@@ -41,10 +41,14 @@ def request_middleware(settings: Settings) -> list[DefineMiddleware]:
 
 def request_id_of(scope: Scope) -> str:
     """The client's ``X-Request-Id`` if valid, else a new random id."""
-    given = Headers.from_scope(scope).get(REQUEST_ID_HEADER)
+    return request_id_from(Headers.from_scope(scope).get(REQUEST_ID_HEADER))
+
+
+def request_id_from(given: str | None) -> str:
+    """``given`` (the header's value) if it is a valid request id, else a new one."""
     if given is not None and _VALID_REQUEST_ID.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    return new_id()
 
 
 class RequestContextMiddleware:
@@ -78,9 +82,9 @@ class RequestContextMiddleware:
         except Exception as exc:
             # Answered by the app's exception handler, outside this middleware: the ids
             # stay set for its log line and its response (app/api/problems.py).
-            _log_access(scope, _status_of(exc), started)
+            log_access(scope, _status_of(exc), started)
             raise
-        _log_access(scope, status, started)
+        log_access(scope, status, started)
         request_id_var.reset(id_token)
         tenant_id_var.reset(tenant_token)
 
@@ -94,7 +98,8 @@ def _status_of(exc: Exception) -> int:
     return 500
 
 
-def _log_access(scope: Scope, status: int, started: float) -> None:
+def log_access(scope: Scope, status: int, started: float) -> None:
+    """The request's access log line (DEBUG for probes that passed)."""
     path = scope["path"]
     duration_ms = round((time.perf_counter() - started) * 1000, 1)
     level = logging.DEBUG if path in _PROBE_PATHS and status < 400 else logging.INFO

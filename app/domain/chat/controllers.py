@@ -14,6 +14,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict
 
+from app.api.cors import header_of
 from app.api.guards import chat_or_embed, chat_tenant_of, embed_of, tenant_row
 from app.api.openapi import also_answering, problems
 from app.api.paging import Offset
@@ -41,8 +42,17 @@ async def chat_completions(
     request: AnyRequest, data: JSONBody[ChatCompletionRequest],
     chat: NamedDependency[ChatService],
 ) -> Response[Any]:
-    """Answer with citations, streamed or whole."""
+    """Answer with citations, streamed or whole. (The API serves this route from
+    app/api/fast_chat.py, outside Litestar's layers, unless tracing is on; both call
+    :func:`answer_chat`.)"""
     # One dependency: Litestar resolves two or more in a task group of their own.
+    return await answer_chat(request, data, chat)
+
+
+async def answer_chat(request: AnyRequest, data: ChatCompletionRequest,
+                      chat: ChatService) -> Response[Any]:
+    """The chat completion for an authenticated, authorized request: a JSON
+    ``Response`` or a ``Stream`` of server-sent events."""
     tenant = tenant_row(request) or await chat.tenants.get_own(chat_tenant_of(request))
     prepared = await chat.prepare(tenant, _within_embed_scope(request, data),
                                   _request_id(request))
@@ -94,7 +104,7 @@ def _end_user(request: AnyRequest, user: str) -> str:
 def _request_id(request: AnyRequest) -> str | None:
     """The client's ``X-Request-Id``: metering is idempotent on it (a replay is not
     counted twice)."""
-    value = request.headers.get("x-request-id")
+    value = header_of(request.scope, b"x-request-id")
     if value is None:
         return None
     if not _REQUEST_ID.fullmatch(value):
