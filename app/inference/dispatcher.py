@@ -216,6 +216,7 @@ class Dispatcher:
         self.settings = settings
         self.llm = llm
         self._salt_key = cache_salt_key
+        self._salts: dict[uuid.UUID, str] = {}
         self._client = client or HttpClient(llm)
         self._owns_client = client is None
         self.pools: list[Pool] = []
@@ -440,7 +441,13 @@ class Dispatcher:
 
     def cache_salt(self, tenant_id: uuid.UUID) -> str:
         """vLLM keys its prefix cache by this too: no tenant can probe another's."""
-        return hmac.new(self._salt_key, tenant_id.bytes, hashlib.sha256).hexdigest()[:32]
+        salt = self._salts.get(tenant_id)
+        if salt is None:  # one HMAC per tenant, not per request
+            salt = hmac.new(self._salt_key, tenant_id.bytes, hashlib.sha256).hexdigest()[:32]
+            if len(self._salts) >= 100_000:
+                self._salts.clear()
+            self._salts[tenant_id] = salt
+        return salt
 
     async def complete(self, tenant: TenantRoute, model: str, body: dict[str, Any],
                        cost: float, disconnected: Disconnected | None = None,

@@ -1,7 +1,7 @@
 """Usage events written in batches, behind the answers.
 
-Whatever queued while the previous write ran (or within ``linger_s`` of the first
-event) goes into the next one: one transaction, one multi-row ``INSERT ... ON CONFLICT
+Each batch waits ``linger_s`` (unless a full batch is already waiting), then takes
+what queued: one transaction, one multi-row ``INSERT ... ON CONFLICT
 DO NOTHING`` per tenant, each under that tenant's row-level-security scope. A busy
 process writes hundreds per transaction on one connection. A PostgreSQL outage is waited out (the
 batch is retried with backoff for ``retry_for_s``) rather than losing the events.
@@ -127,14 +127,19 @@ class UsageWriter:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            # Linger before every batch, not only the first after a quiet spell: what
+            # queued during the last write (a few ms) would otherwise make a
+            # transaction of two or three events each under steady load.
             if self.linger_s and not self._closing and len(self._queue) < self.max_batch:
                 await asyncio.sleep(self.linger_s)
             self._wake.clear()
-            while self._queue:
+            if self._queue:
                 batch = self._queue[:self.max_batch]
                 del self._queue[:self.max_batch]
                 await self._write(batch)
-            if self._closing:
+            if self._queue:
+                self._wake.set()  # more: the next batch (after its linger)
+            elif self._closing:
                 return
 
     async def _write(self, batch: list[Pending]) -> None:

@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.quotas.limiter import RateLimiter, period_of
+from app.errors import RateLimitedError
+from app.quotas.limiter import Limits, RateLimiter, period_of
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer, free_port
 from tests.support import (
@@ -143,6 +144,40 @@ async def test_concurrency_limit_and_rate_limit_headers(
     # The slots are free again once the requests end.
     assert (await http.post("/v1/chat/completions", headers=headers,
                             json=body())).status_code == 200
+
+
+async def test_a_clients_next_request_never_finds_its_finished_one_holding_a_slot(
+    client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient, settings: Settings,
+) -> None:
+    # Requests are settled behind their answers: back to back at a concurrency limit of
+    # one, none is refused.
+    _, headers = await chat_tenant(client, admin_headers, max_concurrency=1)
+    statuses = [(await http.post("/v1/chat/completions", headers=headers,
+                                 json=body())).status_code for _ in range(30)]
+    assert statuses == [200] * 30
+
+    # How: a refusal while the tenant's settlements are under way waits for them and
+    # asks again (here a settlement made slow on purpose, against real Redis).
+    async with aioredis.Redis.from_url(settings.redis.url or "") as r:
+        limiter = RateLimiter(r, namespace=f"test-{uuid.uuid4().hex[:8]}")
+        tenant, limits = uuid.uuid4(), Limits(concurrency=1, tpm=100)
+
+        async def no_usage(_: str) -> int:
+            return 0
+
+        first = await limiter.admit(tenant, "", limits, 60, no_usage)
+
+        async def slow_settle() -> None:
+            await asyncio.sleep(0.2)
+            await limiter.settle(first, 10)
+
+        with pytest.raises(RateLimitedError):  # nothing under way: refused at once
+            await limiter.admit(tenant, "", limits, 60, no_usage)
+        settling = asyncio.ensure_future(slow_settle())
+        limiter.settling(first, settling)
+        second = await limiter.admit(tenant, "", limits, 60, no_usage)  # after it
+        assert settling.done() and second.lease != first.lease
+        await limiter.settle(second, 10)
 
 
 async def test_per_end_user_limits(

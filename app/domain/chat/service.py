@@ -42,6 +42,7 @@ from app.errors import (
     RateLimitedError,
     ServiceUnavailableError,
 )
+from app.ids import new_id
 from app.inference.dispatcher import (
     Disconnected,
     Dispatched,
@@ -189,7 +190,7 @@ class ChatService:
         }  # the dispatcher adds the tenant's cache_salt (and priority where the pool uses it)
         if req.stream:
             body["stream_options"] = {"include_usage": True}
-        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        response_id = f"chatcmpl-{new_id()}"
         return Prepared(
             request_id=response_id, created=int(time.time()),
             model=req.model, route=route, body=body, citations=citations,
@@ -204,7 +205,7 @@ class ChatService:
                  request_id: str | None) -> Prepared:
         """A request whose message breaks the tenant's content rules: answered with a
         refusal, without retrieval or generation."""
-        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        response_id = f"chatcmpl-{new_id()}"
         return Prepared(
             request_id=response_id, created=int(time.time()), model=req.model, route=route,
             body={}, citations=[], conversation_id=None, turns=turns,
@@ -302,8 +303,14 @@ class ChatService:
         except DomainError as exc:
             p.status = exc.code
             raise
-        finally:  # slots freed before the answer; the usage event is written behind it
-            await asyncio.shield(_detach(self.finish(tenant, p)))
+        finally:
+            # Settled behind the answer, its usage event written after that. The
+            # limiter knows: the tenant's next request, if refused meanwhile, waits for
+            # the settlement and asks again (a client's next request never finds its
+            # finished one still holding a slot).
+            settled = _detach(self.finish(tenant, p))
+            if p.ticket is not None and self.limiter is not None:
+                self.limiter.settling(p.ticket, settled)
         await self._record(tenant, p, shown)
         return response
 
