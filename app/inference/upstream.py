@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from yarl import URL
 
 from app.errors import (
     BadRequestError,
@@ -87,7 +88,8 @@ class HttpClient:
                 # connection is not a sign of a dead server (aiohttp's connect= is both).
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
                                               sock_read=s.read_timeout_s),
-                auto_decompress=True)
+                auto_decompress=True,
+                cookie_jar=aiohttp.DummyCookieJar())  # a generation server sets none
         return self._session
 
     async def close(self) -> None:
@@ -104,6 +106,7 @@ class Upstream:
     def __init__(self, base_url: str, client: HttpClient, *, api_key: str | None = None,
                  context_window: int | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self._chat_url = URL(f"{self.base_url}/chat/completions")  # parsed once
         self.root_url = self.base_url.removesuffix("/v1")
         self._client = client
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -163,13 +166,13 @@ class Upstream:
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming chat completion."""
-        return await self._post_json(f"{self.base_url}/chat/completions", body)
+        return await self._post_json(self._chat_url, body)
 
     async def open_stream(self, body: dict[str, Any]) -> UpstreamStream:
         """Send a streaming chat completion and wait for the response headers. Connect
         errors, timeouts and error statuses raise here, before the caller has sent
         anything to its own client (so it can answer 502/504, or try elsewhere)."""
-        response = await self._request("POST", f"{self.base_url}/chat/completions", body)
+        response = await self._request("POST", self._chat_url, body)
         if response.status >= 400:
             try:
                 raise _status_error(response.status, await _read(response))
@@ -177,13 +180,13 @@ class Upstream:
                 response.close()
         return UpstreamStream(response)
 
-    async def _get_json(self, url: str) -> dict[str, Any]:
+    async def _get_json(self, url: str | URL) -> dict[str, Any]:
         return await self._send("GET", url, None)
 
-    async def _post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post_json(self, url: str | URL, body: dict[str, Any]) -> dict[str, Any]:
         return await self._send("POST", url, body)
 
-    async def _request(self, method: str, url: str,
+    async def _request(self, method: str, url: str | URL,
                        body: dict[str, Any] | None) -> aiohttp.ClientResponse:
         """Send; the response's headers are in, its body not yet read."""
         data, headers = None, self._headers
@@ -199,7 +202,8 @@ class Upstream:
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"generation server failed: {exc!r}") from exc
 
-    async def _send(self, method: str, url: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    async def _send(self, method: str, url: str | URL,
+                    body: dict[str, Any] | None) -> dict[str, Any]:
         response = await self._request(method, url, body)
         try:
             raw = await _read(response)
