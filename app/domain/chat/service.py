@@ -311,9 +311,6 @@ class ChatService:
             settled = _detach(self.finish(tenant, p))
             if p.ticket is not None and self.limiter is not None:
                 self.limiter.settling(p.ticket, settled)
-        # One turn of the event loop: the settlement's first step sends its script to
-        # Redis before the answer leaves (its reply is awaited behind the answer).
-        await asyncio.sleep(0)
         await self._record(tenant, p, shown)
         return response
 
