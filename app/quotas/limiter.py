@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from app.errors import RateLimitedError, ServiceUnavailableError
@@ -282,6 +283,10 @@ class RateLimiter:
                 await asyncio.wait(list(settling), timeout=SETTLE_WAIT_S)
                 result = await self._admit(keys=keys, args=argv)
         except RedisError as exc:
+            if pool_exhausted(exc):  # overload, not an outage: never admitted unchecked
+                raise ServiceUnavailableError(
+                    "this API process is overloaded (every Redis connection is busy); "
+                    "retry shortly", retry_after_s=1) from exc
             if self.fail_open:
                 log.warning("rate limiter unavailable, admitting (fail open): %s", exc)
                 ticket.settled = True  # nothing to settle
@@ -356,6 +361,13 @@ _LIMIT_NAMES = {
     "user_tokens": "this end user's tokens per minute",
     "concurrency": "concurrent requests", "user_concurrency": "this end user's concurrent requests",
 }
+
+
+def pool_exhausted(exc: RedisError) -> bool:
+    """redis-py's blocking pool gave up waiting for a free connection (this process has
+    more requests in flight than connections), as opposed to Redis being unreachable."""
+    return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError) \
+        and "No connection available" in str(exc)
 
 
 def _settling_may_change(result: list[Any]) -> bool:

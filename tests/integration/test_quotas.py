@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.errors import RateLimitedError
+from app.errors import RateLimitedError, ServiceUnavailableError
 from app.quotas.limiter import Limits, RateLimiter, period_of
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer, free_port
@@ -178,6 +178,28 @@ async def test_a_clients_next_request_never_finds_its_finished_one_holding_a_slo
         second = await limiter.admit(tenant, "", limits, 60, no_usage)  # after it
         assert settling.done() and second.lease != first.lease
         await limiter.settle(second, 10)
+
+
+async def test_a_process_out_of_redis_connections_says_it_is_busy(settings: Settings) -> None:
+    # Overload, not an outage: a clear 503 to retry, and never admitted unchecked (even
+    # with fail-open, which is for Redis being down).
+    pool = aioredis.BlockingConnectionPool.from_url(settings.redis.url or "",
+                                                    max_connections=1, timeout=0.1)
+    async with aioredis.Redis(connection_pool=pool) as r:
+        limiter = RateLimiter(r, namespace=f"test-{uuid.uuid4().hex[:8]}", fail_open=True)
+        held = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            with pytest.raises(ServiceUnavailableError, match="overloaded") as refused:
+                await limiter.admit(uuid.uuid4(), "", Limits(rpm=10), 1, _no_usage)
+        finally:
+            await pool.release(held)
+        assert refused.value.extra["retry_after_s"] == 1
+        ticket = await limiter.admit(uuid.uuid4(), "", Limits(rpm=10), 1, _no_usage)
+        assert ticket.headers["x-ratelimit-limit-requests"] == "10"  # a connection: admitted
+
+
+async def _no_usage(_: str) -> int:
+    return 0
 
 
 async def test_per_end_user_limits(
