@@ -80,14 +80,14 @@ class CorsMiddleware:
             return
         if scope.get("method") == "OPTIONS" and header_of(scope,
                                                         b"access-control-request-method"):
-            await _preflight(send, origin, await _registry(scope).contains(origin))
+            await _preflight(send, origin, await allowed_origins_of(scope).contains(origin))
             return
 
         # Errors (an expired token...) are readable by any allowed page: they carry no
         # tenant's data, and the page must be able to show why. Errors raised before the
         # route (authentication) are answered outside this middleware: problem() adds
         # the headers from this variable (left set for it, as the request id is).
-        allowed_anywhere = await _registry(scope).contains(origin)
+        allowed_anywhere = await allowed_origins_of(scope).contains(origin)
         error_origin_var.set(origin if allowed_anywhere else None)
 
         async def send_with_cors(message: Message) -> None:
@@ -108,18 +108,14 @@ def readable(origin: str, user: Any, status: int, allowed_anywhere: bool) -> boo
     return origin in _tenant_origins(user) or (status >= 400 and allowed_anywhere)
 
 
-def allowed_origins_of(scope: Scope) -> AllowedOrigins:
-    """The process's registry of origins some tenant allows."""
-    return _registry(scope)
-
-
 def cors_headers(origin: str) -> dict[str, str]:
     """The headers that let a page on ``origin`` read a response."""
     return {"Access-Control-Allow-Origin": origin,
             "Access-Control-Expose-Headers": EXPOSE_HEADERS, "Vary": "Origin"}
 
 
-def _registry(scope: Scope) -> AllowedOrigins:
+def allowed_origins_of(scope: Scope) -> AllowedOrigins:
+    """The process's registry of origins some tenant allows."""
     registry: AllowedOrigins = scope["litestar_app"].state.allowed_origins
     return registry
 

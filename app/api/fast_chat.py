@@ -24,14 +24,13 @@ compares the answers.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import ClientException, ValidationException
+from litestar.exceptions import ClientException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.serialization import encode_json
 from litestar.types import (
@@ -47,7 +46,7 @@ from pydantic import ValidationError
 from app.api.auth import authenticate_bearer
 from app.api.cors import allowed_origins_of, cors_headers, error_origin_var, readable
 from app.api.guards import chat_or_embed
-from app.api.problems import EXCEPTION_HANDLERS, validation_errors
+from app.api.problems import EXCEPTION_HANDLERS, validation_failed
 from app.api.request_context import log_access, request_id_from
 from app.domain.chat.controllers import answer_chat
 from app.domain.chat.schemas import ChatCompletionRequest
@@ -60,9 +59,7 @@ if TYPE_CHECKING:
     from litestar.handlers import HTTPRouteHandler
 
 CHAT_PATH = "/v1/chat/completions"
-log = logging.getLogger(__name__)
-_WANTED = {b"authorization": "authorization", b"origin": "origin",
-           b"x-request-id": "x-request-id", b"content-length": "content-length"}
+_WANTED = frozenset({b"authorization", b"origin", b"x-request-id", b"content-length"})
 
 
 def is_chat_request(scope: Any) -> bool:
@@ -98,9 +95,8 @@ class ChatEndpoint:
         started = time.perf_counter()
         wanted: dict[str, str] = {}
         for name, value in scope["headers"]:
-            key = _WANTED.get(name)
-            if key is not None:
-                wanted[key] = value.decode("latin-1")
+            if name in _WANTED:
+                wanted.setdefault(name.decode(), value.decode("latin-1"))
         request_id = request_id_from(wanted.get("x-request-id"))
         id_token, tenant_token = request_id_var.set(request_id), tenant_id_var.set(None)
         origin = wanted.get("origin")
@@ -162,7 +158,9 @@ class ChatEndpoint:
         try:
             return ChatCompletionRequest.model_validate(raw)
         except ValidationError as exc:
-            raise validation_exception(scope, exc) from exc
+            raise validation_failed("POST", scope["path"],
+                                    scope.get("query_string", b"").decode("latin-1"),
+                                    exc.errors(include_input=False)) from exc
 
     @staticmethod
     def _extra_headers(request_id: str, origin: str | None, scope: Scope, status: int,
@@ -174,14 +172,6 @@ class ChatEndpoint:
             if readable(origin, scope.get("user"), status, allowed_anywhere):
                 extra.update({k.lower(): v for k, v in cors_headers(origin).items()})
         return extra
-
-
-def validation_exception(scope: Scope, exc: ValidationError) -> ValidationException:
-    """A body that fails validation, reported as Litestar reports it."""
-    query = scope.get("query_string", b"").decode("latin-1")
-    path = f"{scope['path']}?{query}" if query else scope["path"]
-    return ValidationException(detail=f"Validation failed for POST {path}",
-                               extra=validation_errors(exc.errors(include_input=False)))
 
 
 def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -101,6 +101,14 @@ def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, str
     return out
 
 
+def validation_failed(method: str, path: str, query: str,
+                      errors: Iterable[Mapping[str, Any]]) -> ValidationException:
+    """A request that fails validation, as Litestar words it."""
+    where = f"{path}?{query}" if query else path
+    return ValidationException(detail=f"Validation failed for {method} {where}",
+                               extra=validation_errors(errors))
+
+
 def _misfiled(request: Request[Any, Any, Any], exc: HTTPException) -> HTTPException:
     """Litestar takes an invalid body field that shares a dependency's name (``audit``,
     ``settings``...: an unknown field a client sent) for a failing dependency and
@@ -108,9 +116,8 @@ def _misfiled(request: Request[Any, Any, Any], exc: HTTPException) -> HTTPExcept
     cause = exc.__cause__
     if type(exc) is InternalServerException and isinstance(cause, msgspec.ValidationError) \
             and isinstance(getattr(cause, "errors", None), list):
-        return ValidationException(
-            detail=f"Validation failed for {request.method} {request.url.path}",
-            extra=validation_errors(cause.errors))  # type: ignore[attr-defined]
+        return validation_failed(request.method, request.url.path, request.url.query,
+                                 cause.errors)  # type: ignore[attr-defined]
     return exc
 
 
