@@ -56,19 +56,38 @@ local lease = ARGV[10]
 local expiry = now_ms + tonumber(ARGV[11])
 local budget = tonumber(ARGV[12])
 
+-- A window is a hash of one-second buckets plus three fields: 't' their total, 'o' the
+-- oldest bucket held, 'n' the newest. Buckets leave as 'o' passes the window's start,
+-- each second visited once in the window's life: no call sums the whole minute.
 local function window_sum(key)
-  local data = redis.call('HGETALL', key)
-  local total, oldest = 0, now
-  for i = 1, #data, 2 do
-    local b = tonumber(data[i])
-    if b <= now - window then
-      redis.call('HDEL', key, data[i])
-    else
-      total = total + tonumber(data[i + 1])
-      if b < oldest then oldest = b end
-    end
+  local h = redis.call('HMGET', key, 't', 'o', 'n')
+  local total, o, n = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
+  if not total then return 0, window end
+  local cutoff = now - window
+  if n <= cutoff then
+    redis.call('DEL', key)
+    return 0, window
   end
-  return total, oldest + window - now
+  if o <= cutoff then
+    while o <= cutoff do  -- o is held: drop it, then find the next second held
+      total = total - tonumber(redis.call('HGET', key, o) or '0')
+      redis.call('HDEL', key, o)
+      repeat o = o + 1 until redis.call('HEXISTS', key, o) == 1
+    end
+    redis.call('HSET', key, 't', total, 'o', o)
+  end
+  return total, o + window - now
+end
+
+local function window_add(key, amount)
+  redis.call('HINCRBY', key, now, amount)
+  redis.call('HINCRBY', key, 't', amount)
+  -- Another process's clock may be a little behind: its bucket can be the oldest.
+  local h = redis.call('HMGET', key, 'o', 'n')
+  local o, n = tonumber(h[1]), tonumber(h[2])
+  if not o or now < o then redis.call('HSET', key, 'o', now) end
+  if not n or now > n then redis.call('HSET', key, 'n', now) end
+  redis.call('EXPIRE', key, window + 5)
 end
 
 -- Reservations and leases of crashed processes expire here.
@@ -110,8 +129,7 @@ end
 
 for i, l in ipairs(limits) do
   if l[2] >= 0 then
-    redis.call('HINCRBY', l[1], now, l[3])
-    redis.call('EXPIRE', l[1], window + 5)
+    window_add(l[1], l[3])
   end
 end
 if conc >= 0 then redis.call('ZADD', KEYS[3], expiry, lease) end
@@ -136,7 +154,10 @@ local delta = tonumber(ARGV[4]) - tonumber(ARGV[3])
 redis.call('ZREM', KEYS[3], lease)
 redis.call('ZREM', KEYS[6], lease)
 for _, k in ipairs({KEYS[2], KEYS[5]}) do
-  if redis.call('HEXISTS', k, bucket) == 1 then redis.call('HINCRBY', k, bucket, delta) end
+  if redis.call('HEXISTS', k, bucket) == 1 then
+    redis.call('HINCRBY', k, bucket, delta)
+    redis.call('HINCRBY', k, 't', delta)
+  end
 end
 local c = redis.call('HGET', KEYS[9], lease)
 local live = redis.call('EXISTS', KEYS[7]) == 1
@@ -233,6 +254,7 @@ class RateLimiter:
         self.namespace = namespace
         self.lease_ttl_s = lease_ttl_s
         self.fail_open = fail_open
+        self.clock: Callable[[], float] = time.time  # seconds; the windows' clock
         # Requests being settled behind their answers, by tenant: a refusal waits for
         # them (once) and asks again, so a client's next request never finds its own
         # finished one still holding a slot or tokens.
@@ -255,12 +277,13 @@ class RateLimiter:
         ``concurrency_limited``, ``budget_exhausted``); 503 if Redis is unreachable
         (unless fail-open). ``load_budget_used`` gives the period's metered tokens when
         Redis lost the budget counter (restart), so it never starts from zero."""
-        now = datetime.now(UTC)
+        wall = self.clock()
+        now = datetime.fromtimestamp(wall, UTC)
         period = period_of(now)
         keys = self.keys(tenant_id, user, period)
         lease = new_id()
         with_user = bool(user)
-        now_ms = int(time.time() * 1000)
+        now_ms = int(wall * 1000)
         budget_ttl = seconds_to_next_period(now) + 7 * 86400
         argv: list[int | str] = [
             now_ms, WINDOW_S, _n(limits.rpm), _n(limits.tpm),
@@ -349,7 +372,7 @@ class RateLimiter:
         if ticket.settled:
             return
         try:
-            expiry = int((time.time() + self.lease_ttl_s) * 1000)
+            expiry = int((self.clock() + self.lease_ttl_s) * 1000)
             await self._renew(keys=ticket.keys, args=[ticket.lease, expiry])
         except RedisError as exc:
             log.warning("could not renew lease %s: %s", ticket.lease, exc)
