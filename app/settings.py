@@ -87,6 +87,9 @@ class RedisSettings(BaseSettings):
 
     url: str | None = None
     max_connections: int = Field(default=50, ge=1)
+    # The limiter's pipelined connection: commands waiting for Redis before a request
+    # is answered 503 "overloaded" instead of queueing more.
+    max_in_flight: int = Field(default=1024, ge=1)
     socket_timeout_s: float = Field(default=2.0, gt=0)
 
 

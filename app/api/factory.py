@@ -72,6 +72,7 @@ from app.inference.pools import configured_pools
 from app.quotas.limiter import RateLimiter
 from app.quotas.metrics import DispatchCollector, ServiceMetrics
 from app.quotas.metrics_route import prometheus_metrics
+from app.quotas.pipe import RedisPipe
 from app.quotas.reports import admin_usage, tenant_usage
 from app.quotas.usage import UsageService
 from app.quotas.usage_writer import UsageWriter
@@ -83,13 +84,17 @@ from retrieval.vectorstore import open_vector_store
 Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
 
 
+def redis_url(settings: Settings) -> str:
+    if not settings.redis.url:
+        raise ValueError("REDIS_URL is not set")
+    return settings.redis.url
+
+
 def make_redis(settings: Settings) -> aioredis.Redis:
     """A Redis client over a bounded pool that waits (not fails) briefly when full."""
     r = settings.redis
-    if not r.url:
-        raise ValueError("REDIS_URL is not set")
     pool = aioredis.BlockingConnectionPool.from_url(
-        r.url, max_connections=r.max_connections, timeout=r.socket_timeout_s,
+        redis_url(settings), max_connections=r.max_connections, timeout=r.socket_timeout_s,
         socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
     )
     return aioredis.Redis(connection_pool=pool)
@@ -103,6 +108,9 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             stack.push_async_callback(db.close)
             redis = make_redis(settings)
             stack.push_async_callback(redis.aclose)
+            scripts = RedisPipe(redis_url(settings), timeout_s=settings.redis.socket_timeout_s,
+                                max_in_flight=settings.redis.max_in_flight)
+            stack.push_async_callback(scripts.aclose)
             vector_store = open_vector_store(vector_store_config(settings))
             stack.push_async_callback(vector_store.close)
             loaded = models if models is not None else await asyncio.to_thread(
@@ -139,7 +147,7 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
                 allowed_origins=allowed_origins, embed_signer=embed_signer,
                 limiter=RateLimiter(redis, namespace=f"{settings.worker.namespace}:q",
                                     lease_ttl_s=settings.quota.lease_ttl_s,
-                                    fail_open=settings.quota.fail_open),
+                                    fail_open=settings.quota.fail_open, scripts=scripts),
                 reranker=reranker,
                 authenticator=ApiKeyAuthenticator(
                     db, settings.auth.key_pepper.get_secret_value(),

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -34,6 +34,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from app.errors import RateLimitedError, ServiceUnavailableError
 from app.ids import new_id
+from app.quotas.pipe import PipeOverloaded
 
 log = logging.getLogger(__name__)
 WINDOW_S = 60
@@ -226,12 +227,18 @@ def seconds_to_next_period(now: datetime) -> int:
     return max(1, int((datetime(year, month, 1, tzinfo=UTC) - now).total_seconds()))
 
 
+class Commands(Protocol):
+    """What runs the scripts: redis-py's client, or the limiter's own ``RedisPipe``."""
+
+    async def execute_command(self, *args: Any) -> Any: ...
+
+
 class LuaScript:
     """A Lua script, run by its SHA and loaded again if Redis has lost it (a restart).
     redis-py's own Script does the same, plus a typing-Protocol ``isinstance`` check per
     call that costs a tenth of the call."""
 
-    def __init__(self, redis: aioredis.Redis, source: str) -> None:
+    def __init__(self, redis: Commands, source: str) -> None:
         self.redis = redis
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324  # Redis's name
@@ -239,17 +246,19 @@ class LuaScript:
     async def __call__(self, *, keys: Sequence[str], args: Sequence[int | str]) -> Any:
         """Run it on ``keys`` with ``args``; its reply."""
         try:
-            return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
+            return await self.redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            self.sha = await self.redis.script_load(self.source)
-            return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
+            await self.redis.execute_command("SCRIPT", "LOAD", self.source)
+            return await self.redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 class RateLimiter:
-    """Admission, settlement and lease renewal against Redis."""
+    """Admission, settlement and lease renewal against Redis. The scripts run over
+    ``scripts`` (the API's ``RedisPipe``) if given, else over ``redis``, which also
+    rebuilds a lost budget counter."""
 
     def __init__(self, redis: aioredis.Redis, *, namespace: str = "q", lease_ttl_s: float = 120,
-                 fail_open: bool = False) -> None:
+                 fail_open: bool = False, scripts: Commands | None = None) -> None:
         self.redis = redis
         self.namespace = namespace
         self.lease_ttl_s = lease_ttl_s
@@ -259,16 +268,19 @@ class RateLimiter:
         # them (once) and asks again, so a client's next request never finds its own
         # finished one still holding a slot or tokens.
         self._settling: dict[uuid.UUID, set[asyncio.Future[Any]]] = {}
-        self._admit = LuaScript(redis, ADMIT)
-        self._settle = LuaScript(redis, SETTLE)
-        self._renew = LuaScript(redis, RENEW)
-        self._refund = LuaScript(redis, REFUND)
+        runner: Commands = scripts or redis
+        self._admit = LuaScript(runner, ADMIT)
+        self._settle = LuaScript(runner, SETTLE)
+        self._renew = LuaScript(runner, RENEW)
+        self._refund = LuaScript(runner, REFUND)
 
     def keys(self, tenant_id: uuid.UUID, user: str, period: str) -> list[str]:
         """The nine keys of a tenant (and end user), all in one cluster slot."""
         t = f"{self.namespace}:{{{tenant_id}}}"
         u = f"{t}:u:{user}"
-        return [f"{t}:req", f"{t}:tok", f"{t}:conc", f"{u}:req", f"{u}:tok", f"{u}:conc",
+        # The windows' names changed with their layout (running totals): a process of
+        # the earlier layout, still running during a rolling upgrade, keeps its own.
+        return [f"{t}:rpm", f"{t}:tpm", f"{t}:conc", f"{u}:rpm", f"{u}:tpm", f"{u}:conc",
                 f"{t}:budget:{period}", f"{t}:res:exp", f"{t}:res:cost"]
 
     async def admit(self, tenant_id: uuid.UUID, user: str, limits: Limits, cost: int,
@@ -387,10 +399,12 @@ _LIMIT_NAMES = {
 
 
 def pool_exhausted(exc: RedisError) -> bool:
-    """redis-py's blocking pool gave up waiting for a free connection (this process has
-    more requests in flight than connections), as opposed to Redis being unreachable."""
-    return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError) \
-        and "No connection available" in str(exc)
+    """This process has more commands for Redis than it lets wait (the pipe's
+    ``max_in_flight``), or redis-py's blocking pool gave up waiting for a free
+    connection: overload, as opposed to Redis being unreachable."""
+    return isinstance(exc, PipeOverloaded) or (
+        isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError)
+        and "No connection available" in str(exc))
 
 
 def _settling_may_change(result: list[Any]) -> bool:
