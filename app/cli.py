@@ -20,6 +20,7 @@ from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
 from app.api.factory import create_app
+from app.api.http_protocol import OneWriteHttpToolsProtocol
 from app.api.tracing import TracingUnavailableError
 from app.auth.keys import Scope
 from app.db.engine import Database, make_engine
@@ -74,8 +75,10 @@ def _serve(settings: Settings) -> None:
         raise typer.Exit(2) from exc
     # Our logging (app/logs.py) formats uvicorn's lines too; the access log is ours
     # (app/api/request_context.py), with the request and tenant ids.
+    # A response's head and body leave in one write (app/api/http_protocol.py).
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
-                            log_config=None, access_log=False, lifespan="on")
+                            log_config=None, access_log=False, lifespan="on",
+                            http=OneWriteHttpToolsProtocol)
     uvicorn.Server(config).run()
 
 

@@ -21,6 +21,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.api.factory import cache_salt_key
+from app.api.http_protocol import OneWriteHttpToolsProtocol
 from app.db.migrate import migrate
 from app.domain.chat.service import pending_wrap_ups
 from app.inference.dispatcher import Dispatcher
@@ -165,7 +166,8 @@ async def served_over_http(app: Litestar,
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           log_level="warning"))
+                                           log_level="warning",
+                                           http=OneWriteHttpToolsProtocol))  # as `serve`
     running = client.blocking_portal.start_task_soon(server.serve)
     while not server.started:
         assert not running.done(), "uvicorn did not start"
