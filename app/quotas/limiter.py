@@ -60,14 +60,16 @@ local budget = tonumber(ARGV[12])
 -- A window is a hash of one-second buckets plus three fields: 't' their total, 'o' the
 -- oldest bucket held, 'n' the newest. Buckets leave as 'o' passes the window's start,
 -- each second visited once in the window's life: no call sums the whole minute.
+-- Returns the total, seconds until the oldest bucket leaves, and 'o' and 'n' after
+-- trimming (nil for an empty window), which window_add then starts from.
 local function window_sum(key)
   local h = redis.call('HMGET', key, 't', 'o', 'n')
   local total, o, n = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
-  if not total then return 0, window end
+  if not total then return 0, window, nil, nil end
   local cutoff = now - window
   if n <= cutoff then
     redis.call('DEL', key)
-    return 0, window
+    return 0, window, nil, nil
   end
   if o <= cutoff then
     while o <= cutoff do  -- o is held: drop it, then find the next second held
@@ -77,15 +79,14 @@ local function window_sum(key)
     end
     redis.call('HSET', key, 't', total, 'o', o)
   end
-  return total, o + window - now
+  return total, o + window - now, o, n
 end
 
-local function window_add(key, amount)
+-- o and n: what window_sum left for this key in this same call.
+local function window_add(key, amount, o, n)
   redis.call('HINCRBY', key, now, amount)
   redis.call('HINCRBY', key, 't', amount)
   -- Another process's clock may be a little behind: its bucket can be the oldest.
-  local h = redis.call('HMGET', key, 'o', 'n')
-  local o, n = tonumber(h[1]), tonumber(h[2])
   if not o or now < o then redis.call('HSET', key, 'o', now) end
   if not n or now > n then redis.call('HSET', key, 'n', now) end
   redis.call('EXPIRE', key, window + 5)
@@ -110,12 +111,14 @@ local limits = {
 }
 local used = {}
 local resets = {}
+local spans = {}
 for i, l in ipairs(limits) do
   if l[2] >= 0 then
-    local total, reset = window_sum(l[1])
+    local total, reset, o, n = window_sum(l[1])
     if total + l[3] > l[2] then return {1, math.max(1, reset), l[4]} end
     used[i] = total
     resets[i] = reset
+    spans[i] = {o, n}
   end
 end
 local conc, uconc = tonumber(ARGV[5]), tonumber(ARGV[8])
@@ -130,7 +133,7 @@ end
 
 for i, l in ipairs(limits) do
   if l[2] >= 0 then
-    window_add(l[1], l[3])
+    window_add(l[1], l[3], spans[i][1], spans[i][2])
   end
 end
 if conc >= 0 then redis.call('ZADD', KEYS[3], expiry, lease) end
