@@ -38,6 +38,20 @@ class ConflictError(DomainError):
     title = "Conflict"
 
 
+class IdempotencyConflictError(ConflictError):
+    """A client request id (``X-Request-Id``) reused with another request body."""
+
+    code = "idempotency_conflict"
+    title = "Request id reused"
+
+
+class IdempotencyInProgressError(ConflictError):
+    """The first request with this client request id has not finished yet."""
+
+    code = "idempotency_in_progress"
+    title = "Request id in use"
+
+
 class AuthenticationError(DomainError):
     """No credential, or one that is unknown, malformed, revoked or expired."""
 

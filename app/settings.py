@@ -256,6 +256,9 @@ class QuotaSettings(BaseSettings):
     # A concurrency slot or budget reservation of a crashed process frees after this;
     # live streams renew theirs.
     lease_ttl_s: float = Field(default=120.0, ge=5)
+    # A chat request with an X-Request-Id is answered once: for this long its id and
+    # body are remembered, and a replay gets the stored answer (docs/quotas.md).
+    idempotency_window_s: int = Field(default=86_400, ge=60)
 
 
 class MetricsSettings(BaseSettings):

@@ -71,6 +71,7 @@ class FakeStats:
     waiting: int = 0
     max_running_seen: int = 0
     tokens_reported: int = 0  # total_tokens of every usage this server reported
+    tokenize_calls: int = 0  # /tokenize requests answered
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -148,6 +149,7 @@ class FakeOpenAI:
         ])
 
     async def _tokenize(self, body: dict[str, Any], send: Send) -> None:
+        self.stats.tokenize_calls += 1
         if "messages" in body:
             count = prompt_tokens(body["messages"])
         else:

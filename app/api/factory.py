@@ -147,7 +147,8 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
                 allowed_origins=allowed_origins, embed_signer=embed_signer,
                 limiter=RateLimiter(redis, namespace=f"{settings.worker.namespace}:q",
                                     lease_ttl_s=settings.quota.lease_ttl_s,
-                                    fail_open=settings.quota.fail_open, scripts=scripts),
+                                    fail_open=settings.quota.fail_open, scripts=scripts,
+                                    idempotency_window_s=settings.quota.idempotency_window_s),
                 reranker=reranker,
                 authenticator=ApiKeyAuthenticator(
                     db, settings.auth.key_pepper.get_secret_value(),

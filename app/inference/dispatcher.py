@@ -506,7 +506,7 @@ class Dispatcher:
         return any(r.url != lease.replica.url and r.usable(now)
                    for p in self.pools_for(tenant, model) for r in p.replicas)
 
-    # -- model facts (no slot needed) --------------------------------------------------------
+    # -- model facts (no slot needed, but token counts take one) -------------------------
 
     async def _ask_any(self, tenant: TenantRoute, model: str,
                        ask: Callable[[Upstream], Awaitable[T]]) -> tuple[Pool, T]:
@@ -546,15 +546,27 @@ class Dispatcher:
         return window
 
     async def count_prompt_tokens(self, tenant: TenantRoute, model: str,
-                                  messages: Sequence[dict[str, Any]]) -> int:
-        """Exact prompt tokens, from a server of the tenant's pool (``/tokenize``)."""
-        return (await self._ask_any(
-            tenant, model, lambda u: u.count_prompt_tokens(model, messages)))[1]
+                                  messages: Sequence[dict[str, Any]], cost: float = 1.0,
+                                  ) -> int:
+        """Exact prompt tokens, from a server of the tenant's pool (``/tokenize``). The
+        server works for it as for a generation, so it takes a slot the same way
+        (waiting its turn in the fair queue, ``cost`` tokens)."""
+        return await self._tokenize(
+            tenant, model, cost, lambda u: u.count_prompt_tokens(model, messages))
 
-    async def count_text_tokens(self, tenant: TenantRoute, model: str, text: str) -> int:
-        """Tokens of a completion's text, when a server reported no usage."""
-        return (await self._ask_any(
-            tenant, model, lambda u: u.count_text_tokens(model, text)))[1]
+    async def count_text_tokens(self, tenant: TenantRoute, model: str, text: str,
+                                cost: float = 1.0) -> int:
+        """Tokens of a completion's text, when a server reported no usage (in a slot,
+        as :meth:`count_prompt_tokens`)."""
+        return await self._tokenize(
+            tenant, model, cost, lambda u: u.count_text_tokens(model, text))
+
+    async def _tokenize(self, tenant: TenantRoute, model: str, cost: float,
+                        ask: Callable[[Upstream], Awaitable[int]]) -> int:
+        count, lease, _ = await self._send(tenant, model, {}, cost, None,
+                                           lambda upstream, _: ask(upstream))
+        lease.release(True)
+        return count
 
     def cost(self, where: Dispatched | None, model: str, *, prompt: int, completion: int,
              cached: int = 0) -> Decimal:

@@ -9,8 +9,14 @@ it count the request, take the leases and reserve ``cost`` tokens (prompt + max_
 Settling replaces the reservation by the engine's actual tokens; a failure settles with
 what was generated (often nothing). Reservations carry the lease's expiry, so one left
 by a crashed process is reclaimed by the next admission. The budget is therefore never
-overshot by more than the reservations in flight (in fact not at all: actual tokens
-never exceed the reservation, since max_tokens caps the answer).
+overshot by more than the reservations in flight (admission comes before any work, so
+``cost`` is an estimate: see docs/quotas.md).
+
+Idempotency: a request carrying the client's ``X-Request-Id`` is looked up in the same
+script first. A replay (same id and body hash) gets the first request's stored result
+and counts nothing; another body, or a first request still running, is refused; a new id
+is claimed with the admission and, when the request settles, keeps its result for
+``idempotency_window_s`` (or is freed, if nothing was generated, for a retry).
 
 All keys of a tenant share the hash tag ``{tenant id}``, so a Redis Cluster keeps them
 in one slot and the script stays atomic there too.
@@ -32,7 +38,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from app.errors import RateLimitedError, ServiceUnavailableError
+from app.errors import (
+    IdempotencyConflictError,
+    IdempotencyInProgressError,
+    RateLimitedError,
+    ServiceUnavailableError,
+)
 from app.ids import new_id
 from app.quotas.pipe import PipeOverloaded
 
@@ -42,13 +53,28 @@ SETTLE_WAIT_S = 2.0  # a refusal waits this long at most for the tenant's settle
 UNLIMITED = -1
 
 # KEYS: 1 tenant requests, 2 tenant tokens, 3 tenant leases, 4 user requests,
-#       5 user tokens, 6 user leases, 7 budget, 8 reservation expiries, 9 reservation costs
+#       5 user tokens, 6 user leases, 7 budget, 8 reservation expiries, 9 reservation costs,
+#       10 (only with a client request id) its idempotency record
 # ARGV: 1 now_ms, 2 window_s, 3 rpm, 4 tpm, 5 concurrency, 6 user rpm, 7 user tpm,
-#       8 user concurrency, 9 cost, 10 lease id, 11 lease ttl ms, 12 budget, 13 budget ttl s
+#       8 user concurrency, 9 cost, 10 lease id, 11 lease ttl ms, 12 budget, 13 budget ttl s,
+#       14 (with KEYS[10]) the request body's hash
 # Returns {0, remaining requests, remaining tokens, reset requests s, reset tokens s}
 #      or {code, retry after s, limit name}: 1 rate_limited, 2 concurrency_limited,
-#         3 budget_exhausted, 9 budget counter missing (load it, then retry).
+#         3 budget_exhausted, 9 budget counter missing (load it, then retry),
+#         4 the request id was used with another body, 5 its first request still runs,
+#      or {6, the first request's stored result}.
 ADMIT = """
+local idem = KEYS[10]
+if idem then  -- a seen request id is answered before any limit: it generates nothing
+  local seen = redis.call('HMGET', idem, 'h', 'r')
+  if seen[1] then
+    if seen[1] ~= ARGV[14] then return {4, 0, 'idempotency'} end
+    if not seen[2] then
+      return {5, math.max(1, math.ceil(redis.call('PTTL', idem) / 1000)), 'idempotency'}
+    end
+    return {6, seen[2]}
+  end
+end
 local now_ms = tonumber(ARGV[1])
 local now = math.floor(now_ms / 1000)
 local window = tonumber(ARGV[2])
@@ -146,13 +172,28 @@ if budget >= 0 then
   redis.call('EXPIRE', KEYS[8], tonumber(ARGV[13]))
   redis.call('EXPIRE', KEYS[9], tonumber(ARGV[13]))
 end
+if idem then  -- claimed until settled (or the lease of a crashed process expires)
+  redis.call('HSET', idem, 'h', ARGV[14], 'l', lease)
+  redis.call('PEXPIRE', idem, tonumber(ARGV[11]))
+end
 local rem_req = limits[1][2] >= 0 and (limits[1][2] - used[1] - 1) or -1
 local rem_tok = limits[2][2] >= 0 and (limits[2][2] - used[2] - cost) or -1
 return {0, rem_req, rem_tok, resets[1] or window, resets[2] or window}
 """
 
-# KEYS as ADMIT. ARGV: 1 lease, 2 bucket second, 3 cost, 4 actual tokens
+# KEYS as ADMIT. ARGV: 1 lease, 2 bucket second, 3 cost, 4 actual tokens,
+#                5 (with KEYS[10]) the result to replay ('' frees the request id),
+#                6 seconds to keep it
 SETTLE = """
+-- Only this request's own claim (one that expired may have been claimed again since).
+if KEYS[10] and redis.call('HGET', KEYS[10], 'l') == ARGV[1] then
+  if ARGV[5] == '' then
+    redis.call('DEL', KEYS[10])
+  else
+    redis.call('HSET', KEYS[10], 'r', ARGV[5])
+    redis.call('EXPIRE', KEYS[10], tonumber(ARGV[6]))
+  end
+end
 local lease, bucket = ARGV[1], ARGV[2]
 local delta = tonumber(ARGV[4]) - tonumber(ARGV[3])
 redis.call('ZREM', KEYS[3], lease)
@@ -174,19 +215,12 @@ if live then redis.call('HINCRBY', KEYS[7], 'used', tonumber(ARGV[4])) end
 return 1
 """
 
-# KEYS as ADMIT. ARGV: 1 tokens to take back out of the budget
-REFUND = """
-if redis.call('EXISTS', KEYS[7]) == 1 then
-  redis.call('HINCRBY', KEYS[7], 'used', -tonumber(ARGV[1]))
-end
-return 1
-"""
-
-# KEYS as ADMIT. ARGV: 1 lease, 2 new expiry ms
+# KEYS as ADMIT. ARGV: 1 lease, 2 new expiry ms, 3 lease ttl ms
 RENEW = """
 redis.call('ZADD', KEYS[3], 'XX', ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[6], 'XX', ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[8], 'XX', ARGV[2], ARGV[1])
+if KEYS[10] then redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[3])) end
 return 1
 """
 
@@ -204,9 +238,18 @@ class Limits:
     budget: int | None = None  # tokens per period
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A client's request id, to be claimed for its body (idempotency)."""
+
+    request_id: str
+    body_hash: str
+
+
 @dataclass
 class Ticket:
-    """An admitted request: what to settle, and the headers to send."""
+    """An admitted request: what to settle, and the headers to send. ``replay`` is the
+    stored result of an earlier request with the same id and body (nothing to do)."""
 
     tenant_id: uuid.UUID
     user: str
@@ -217,6 +260,8 @@ class Ticket:
     keys: list[str]
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    claimed: bool = False  # holds its request id until settled
+    replay: str | None = None
 
 
 def period_of(now: datetime) -> str:
@@ -261,10 +306,12 @@ class RateLimiter:
     rebuilds a lost budget counter."""
 
     def __init__(self, redis: aioredis.Redis, *, namespace: str = "q", lease_ttl_s: float = 120,
-                 fail_open: bool = False, scripts: Commands | None = None) -> None:
+                 fail_open: bool = False, scripts: Commands | None = None,
+                 idempotency_window_s: int = 86_400) -> None:
         self.redis = redis
         self.namespace = namespace
         self.lease_ttl_s = lease_ttl_s
+        self.idempotency_window_s = idempotency_window_s  # a result is replayed this long
         self.fail_open = fail_open
         self.clock: Callable[[], float] = time.time  # seconds; the windows' clock
         # Requests being settled behind their answers, by tenant: a refusal waits for
@@ -275,7 +322,6 @@ class RateLimiter:
         self._admit = LuaScript(runner, ADMIT)
         self._settle = LuaScript(runner, SETTLE)
         self._renew = LuaScript(runner, RENEW)
-        self._refund = LuaScript(runner, REFUND)
 
     def keys(self, tenant_id: uuid.UUID, user: str, period: str) -> list[str]:
         """The nine keys of a tenant (and end user), all in one cluster slot."""
@@ -287,15 +333,21 @@ class RateLimiter:
                 f"{t}:budget:{period}", f"{t}:res:exp", f"{t}:res:cost"]
 
     async def admit(self, tenant_id: uuid.UUID, user: str, limits: Limits, cost: int,
-                    load_budget_used: Callable[[str], Awaitable[int]]) -> Ticket:
+                    load_budget_used: Callable[[str], Awaitable[int]],
+                    claim: Claim | None = None) -> Ticket:
         """Admit a request costing ``cost`` tokens or raise 429 (``rate_limited``,
         ``concurrency_limited``, ``budget_exhausted``); 503 if Redis is unreachable
         (unless fail-open). ``load_budget_used`` gives the period's metered tokens when
-        Redis lost the budget counter (restart), so it never starts from zero."""
+        Redis lost the budget counter (restart), so it never starts from zero.
+        With a ``claim``, the same script first looks its request id up: a replay gets
+        the stored result (``Ticket.replay``, no limit counted), another body or a first
+        request still running 409; else the id is claimed with the admission."""
         wall = self.clock()
         now = datetime.fromtimestamp(wall, UTC)
         period = period_of(now)
         keys = self.keys(tenant_id, user, period)
+        if claim is not None:  # the tenant's hash tag: the same cluster slot
+            keys.append(f"{self.namespace}:{{{tenant_id}}}:idem:{claim.request_id}")
         lease = new_id()
         with_user = bool(user)
         now_ms = int(wall * 1000)
@@ -307,6 +359,8 @@ class RateLimiter:
             _n(limits.user_concurrency if with_user else None),
             cost, lease, int(self.lease_ttl_s * 1000), _n(limits.budget), budget_ttl,
         ]
+        if claim is not None:
+            argv.append(claim.body_hash)
         ticket = Ticket(tenant_id, user, lease, now_ms // 1000, cost, period, keys)
         try:
             result = await self._admit(keys=keys, args=argv)
@@ -335,7 +389,10 @@ class RateLimiter:
         code = int(result[0])
         if code == 0:
             ticket.headers = _headers(limits, result)
+            ticket.claimed = claim is not None
             return ticket
+        if code >= 4:
+            return _idempotent(ticket, code, result)
         which = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
         if code == 1:
             raise RateLimitedError(f"rate limit reached: {_LIMIT_NAMES[which]}",
@@ -361,34 +418,31 @@ class RateLimiter:
                 del self._settling[ticket.tenant_id]
         done.add_done_callback(finished)
 
-    async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
-        """Replace the reservation by ``actual_tokens`` and release the leases (once).
+    async def settle(self, ticket: Ticket, actual_tokens: int, result: str | None = None,
+                     ) -> None:
+        """Replace the reservation by ``actual_tokens`` and release the leases (once);
+        a claimed request id keeps ``result`` for replays, or is freed if it is None.
         Never raises: a lost settlement expires with the lease."""
         if ticket.settled:
             return
         ticket.settled = True
+        args: list[int | str] = [ticket.lease, ticket.bucket, ticket.cost, actual_tokens]
+        if ticket.claimed:
+            args += [result or "", self.idempotency_window_s]
         try:
-            await self._settle(keys=ticket.keys, args=[
-                ticket.lease, ticket.bucket, ticket.cost, actual_tokens])
+            await self._settle(keys=ticket.keys, args=args)
         except RedisError as exc:
             log.warning("could not settle %s (its lease expires on its own): %s",
                         ticket.lease, exc)
-
-    async def refund(self, ticket: Ticket, tokens: int) -> None:
-        """Take a settled request's tokens back out of the budget (its request id
-        turned out to be a replay, already counted). Never raises."""
-        try:
-            await self._refund(keys=ticket.keys, args=[tokens])
-        except RedisError as exc:
-            log.warning("could not refund %d tokens of %s: %s", tokens, ticket.lease, exc)
 
     async def renew(self, ticket: Ticket) -> None:
         """Extend a long request's leases and reservation."""
         if ticket.settled:
             return
         try:
-            expiry = int((self.clock() + self.lease_ttl_s) * 1000)
-            await self._renew(keys=ticket.keys, args=[ticket.lease, expiry])
+            ttl_ms = int(self.lease_ttl_s * 1000)
+            expiry = int(self.clock() * 1000) + ttl_ms
+            await self._renew(keys=ticket.keys, args=[ticket.lease, expiry, ttl_ms])
         except RedisError as exc:
             log.warning("could not renew lease %s: %s", ticket.lease, exc)
 
@@ -410,11 +464,28 @@ def pool_exhausted(exc: RedisError) -> bool:
         and "No connection available" in str(exc))
 
 
+def _idempotent(ticket: Ticket, code: int, result: list[Any]) -> Ticket:
+    """The answer for a request id seen before: its stored result, or 409."""
+    if code == 4:
+        raise IdempotencyConflictError(
+            "this X-Request-Id was used with another request body; use a new id")
+    if code == 5:
+        raise IdempotencyInProgressError(
+            "the first request with this X-Request-Id is still being answered; retry "
+            "when it has finished", retry_after_s=int(result[1]))
+    stored = result[1]
+    ticket.replay = stored.decode() if isinstance(stored, bytes) else str(stored)
+    ticket.settled = True  # nothing was admitted
+    return ticket
+
+
 def _settling_may_change(result: list[Any]) -> bool:
     """A refusal that a settlement under way could turn around: concurrency (it frees a
     slot), tokens per minute or the budget (it replaces a reservation by what was used).
     Requests per minute count requests, which settling does not change."""
     code = int(result[0])
+    if code not in (1, 2, 3):
+        return False
     which = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
     return code in (2, 3) or (code == 1 and which in ("tokens", "user_tokens"))
 

@@ -19,6 +19,7 @@ from app.api.guards import chat_or_embed, chat_tenant_of, embed_of, tenant_row
 from app.api.openapi import also_answering, problems
 from app.api.paging import Offset
 from app.domain.chat.conversations import ConversationService
+from app.domain.chat.replay import StoredAnswer
 from app.domain.chat.schemas import ChatCompletionRequest
 from app.domain.chat.service import ChatService
 from app.errors import BadRequestError, PermissionDeniedError
@@ -52,25 +53,49 @@ async def chat_completions(
 async def answer_chat(request: AnyRequest, data: ChatCompletionRequest,
                       chat: ChatService) -> Response[Any]:
     """The chat completion for an authenticated, authorized request: a JSON
-    ``Response`` or a ``Stream`` of server-sent events."""
+    ``Response`` or a ``Stream`` of server-sent events. Limits come before any work: a
+    refused request costs one Redis round trip."""
     tenant = tenant_row(request) or await chat.tenants.get_own(chat_tenant_of(request))
-    prepared = await chat.prepare(tenant, _within_embed_scope(request, data),
-                                  _request_id(request))
+    data = _within_embed_scope(request, data)
+    plan = await chat.plan(tenant, data, _request_id(request), _scope_of(request))
+    # 429 here (rate limits, concurrency, budget), or 409 for a request id in use; a
+    # content-rule refusal below still counts as a request.
+    ticket = await chat.admit(tenant, data, plan)
+    if ticket is not None and ticket.replay is not None:
+        return _replayed(StoredAnswer.loads(ticket.replay), data)
+    prepared = await chat.prepare(tenant, data, plan, ticket)
     if prepared.refused:  # the message breaks the tenant's content rules
-        await chat.admit(tenant, prepared)  # still a request: rate limits apply (cost 0)
         if data.stream:
             return Stream(chat.refusal_stream(tenant, prepared), media_type="text/event-stream")
         return Response(chat.refusal(tenant, prepared))
-    await chat.admit(tenant, prepared)  # 429 here: rate limits, concurrency, budget
+    await chat.start_conversation(tenant, prepared)
     headers = prepared.ticket.headers if prepared.ticket else {}
     gone = _disconnected(request)  # a request waiting for a slot leaves the queue
     if data.stream:
         # 502/504 here, not mid-stream
         upstream = await chat.open_stream(tenant, prepared, gone)
         return Stream(chat.stream(tenant, prepared, upstream), media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                               **headers})
+                      headers={**_STREAM_HEADERS, **headers})
     return Response(await chat.complete(tenant, prepared, gone), headers=headers)
+
+
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+def _replayed(stored: StoredAnswer, data: ChatCompletionRequest) -> Response[Any]:
+    """The first request's answer again (its X-Request-Id and body seen before)."""
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        return Stream(stored.as_events(include_usage), media_type="text/event-stream",
+                      headers={**_STREAM_HEADERS, **_REPLAYED})
+    return Response(stored.as_json(), headers=_REPLAYED)
+
+
+def _scope_of(request: AnyRequest) -> str:
+    """Who asks, for idempotency: an embed token's end user, else the tenant's key."""
+    embed = embed_of(request)
+    return "key" if embed is None else f"embed:{embed.end_user}"
 
 
 def _within_embed_scope(request: AnyRequest,
@@ -102,8 +127,8 @@ def _end_user(request: AnyRequest, user: str) -> str:
 
 
 def _request_id(request: AnyRequest) -> str | None:
-    """The client's ``X-Request-Id``: metering is idempotent on it (a replay is not
-    counted twice)."""
+    """The client's ``X-Request-Id``: the request is idempotent on it (a replay gets the
+    first answer, generated and metered once)."""
     value = header_of(request.scope, b"x-request-id")
     if value is None:
         return None

@@ -135,3 +135,18 @@ def token_upper_bound(messages: Sequence[dict[str, str]]) -> int:
     around each message. When it fits the budget, no exact count is needed."""
     return sum(len(m["content"].encode()) + TEMPLATE_TOKENS_PER_MESSAGE
                for m in messages) + TEMPLATE_TOKENS_PER_MESSAGE
+
+
+# Retrieved passages are chunks of at most 512 embedding tokens (INGEST_CHUNK_MAX_TOKENS
+# caps them) plus a source line: a passage's allowance before they are retrieved.
+PASSAGE_TOKENS_ALLOWANCE = 600
+
+
+def prompt_estimate(texts: Sequence[str], passages: int) -> int:
+    """The prompt's tokens, estimated before any work (for admission): a byte bound of
+    the texts known now (the tenant's prompt and the request's own messages), the
+    platform's rules, and an allowance per passage to be retrieved. Stored history is
+    not read yet, so it is not counted (settling bills the engine's actual count)."""
+    fixed = len(PLATFORM_RULES) + len(GROUNDING_RULES) + len(NOTHING_RELEVANT)
+    own = sum(len(t.encode()) + TEMPLATE_TOKENS_PER_MESSAGE for t in texts)
+    return fixed + own + passages * PASSAGE_TOKENS_ALLOWANCE + TEMPLATE_TOKENS_PER_MESSAGE

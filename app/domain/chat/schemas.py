@@ -12,7 +12,10 @@ from app.domain.search.schemas import Filters
 
 Role = Literal["system", "developer", "user", "assistant"]
 MAX_MESSAGES = 500
-MAX_CONTENT_CHARS = 200_000
+MAX_CONTENT_CHARS = 200_000  # one message's text, however it is split into parts
+# All messages' text together: about 100k tokens of English, beyond any context window
+# served here, and a thirtieth of the body limit (a request is refused before any work).
+MAX_REQUEST_CHARS = 400_000
 
 
 class TextPart(BaseModel):
@@ -36,7 +39,10 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _bounded(cls, value: str | list[TextPart]) -> str | list[TextPart]:
-        if isinstance(value, str) and len(value) > MAX_CONTENT_CHARS:
+        # A list's parts are joined with newlines (``text``): bound what is sent upstream.
+        size = len(value) if isinstance(value, str) else \
+            sum(len(part.text) + 1 for part in value) - 1
+        if size > MAX_CONTENT_CHARS:
             raise ValueError(f"message content is longer than {MAX_CONTENT_CHARS} characters")
         return value
 
@@ -90,6 +96,14 @@ class ChatCompletionRequest(BaseModel):
     knowledge_base_ids: Annotated[list[uuid.UUID] | None, Field(max_length=100)] = None
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
     conversation_id: uuid.UUID | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _bounded_in_all(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if sum(len(m.text) for m in value) > MAX_REQUEST_CHARS:
+            raise ValueError(f"the messages' text is longer than {MAX_REQUEST_CHARS} "
+                             "characters in all")
+        return value
 
     def sampling(self) -> dict[str, Any]:
         """The sampling parameters to pass upstream as given."""

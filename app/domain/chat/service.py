@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -20,11 +21,15 @@ from app.db.models import ContentRuleHit, SystemMessagePolicy, Tenant
 from app.domain.chat.content import CONTENT_FILTER, INPUT_REFUSAL, OUTPUT_REFUSAL, AnswerFilter
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.prompt import (
+    TEMPLATE_TOKENS_PER_MESSAGE,
     PromptParts,
     build_messages,
     caller_instructions,
+    defuse,
+    prompt_estimate,
     token_upper_bound,
 )
+from app.domain.chat.replay import StoredAnswer, request_hash
 from app.domain.chat.schemas import ChatCompletionRequest, Citation
 from app.domain.content_rules.service import ContentRulesService
 from app.domain.search.schemas import RetrievedChunk
@@ -50,7 +55,7 @@ from app.inference.dispatcher import (
     Dispatcher,
     TenantRoute,
 )
-from app.quotas.limiter import Limits, RateLimiter, Ticket
+from app.quotas.limiter import Claim, Limits, RateLimiter, Ticket
 from app.quotas.metrics import ServiceMetrics
 from app.quotas.usage import CHAT, UsageService
 from app.quotas.usage_writer import UsageRow
@@ -58,6 +63,9 @@ from app.settings import ChatSettings, LlmSettings
 
 log = logging.getLogger(__name__)
 SHORT_QUESTION_WORDS = 6
+# Trimming scales one exact count by bytes: this much spare for text denser than the
+# prompt's average (vLLM refuses a prompt over the window; it never truncates one).
+FIT_HEADROOM = 0.1
 
 
 def allowed_models(tenant: Tenant, served: list[str]) -> list[str]:
@@ -86,6 +94,22 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a request asks for, checked without any work (no I/O but the model's cached
+    context window): enough to admit it before retrieval and token counting."""
+
+    route: TenantRoute
+    policy: SystemMessagePolicy
+    caller_system: list[str]
+    turns: list[dict[str, str]]
+    max_tokens: int
+    window: int
+    cost: int  # admission's estimate of the request's tokens (prompt bound + max_tokens)
+    request_id: str | None  # the client's X-Request-Id
+    claim: Claim | None  # that id with the request's hash, to claim at admission
+
+
 @dataclass
 class Prepared:
     """A request ready to send upstream, and what to do with the answer."""
@@ -111,6 +135,8 @@ class Prepared:
     metering_id: str = ""  # the client's X-Request-Id, else the response id
     store: bool = True
     ticket: Ticket | None = None
+    prompt_tokens: int | None = None  # the prompt's exact count, when /tokenize gave it
+    response: dict[str, Any] | None = None  # the whole answer sent (not streamed)
     started: float = field(default_factory=time.perf_counter)
     ttft_s: float | None = None
     status: str = "client_closed"  # until the request ends otherwise
@@ -147,10 +173,12 @@ class ChatService:
         self.content = content
         self.tenants = tenants or TenantService(conversations.db)
 
-    async def prepare(self, tenant: Tenant, req: ChatCompletionRequest,
-                      request_id: str | None = None) -> Prepared:
-        """Check the request against the tenant's rules, retrieve, and build the prompt.
-        ``request_id`` (the client's ``X-Request-Id``) makes metering idempotent."""
+    async def plan(self, tenant: Tenant, req: ChatCompletionRequest,
+                   request_id: str | None = None, scope: str = "") -> Plan:
+        """Check what the request asks for (model, messages, room in the context window)
+        and estimate its tokens, without retrieval or token counting. ``request_id`` (the
+        client's ``X-Request-Id``) makes the request idempotent, for its body and
+        ``scope`` (who asks: an embed token's end user)."""
         if req.model not in allowed_models(tenant, self.dispatcher.models):
             if not self.dispatcher.serves(req.model):
                 raise NotFoundError(f"model {req.model!r} does not exist; see GET /v1/models")
@@ -164,28 +192,57 @@ class ChatService:
                  if m.role not in ("system", "developer")]
         if not turns or turns[-1]["role"] != "user":
             raise BadRequestError("the last message must be the user's")
+        max_tokens = self._max_tokens(tenant, req)
+        window = await self.dispatcher.context_window(route, req.model)  # asked once
+        if window - max_tokens <= 0:
+            raise ContextLengthError(f"max_tokens {max_tokens} leaves no room for a prompt "
+                                     f"in the model's {window}-token context window")
+        passages = (req.retrieval.top_k or self.chat.top_k) if req.retrieval.enabled else 0
+        prompt = min(window - max_tokens, prompt_estimate(
+            [tenant.system_prompt, *caller_system, *(t["content"] for t in turns)], passages))
+        claim = Claim(request_id, request_hash(req, scope)) if request_id else None
+        return Plan(route=route, policy=policy, caller_system=caller_system, turns=turns,
+                    max_tokens=max_tokens, window=window, cost=prompt + max_tokens,
+                    request_id=request_id, claim=claim)
+
+    async def prepare(self, tenant: Tenant, req: ChatCompletionRequest, plan: Plan,
+                      ticket: Ticket | None) -> Prepared:
+        """After admission: the tenant's content rules, history, retrieval, and the
+        prompt within the context window. A failure here settles the admission (nothing
+        was generated, so a claimed request id is freed for a retry)."""
+        try:
+            p = await self._prepare(tenant, req, plan)
+        except BaseException:
+            if ticket is not None and self.limiter is not None:
+                await asyncio.shield(self.limiter.settle(ticket, 0))
+            raise
+        p.ticket = ticket
+        return p
+
+    async def _prepare(self, tenant: Tenant, req: ChatCompletionRequest,
+                       plan: Plan) -> Prepared:
         end_user = req.user or ""
+        turns = plan.turns
         answer_filter = AnswerFilter.of(tenant)
-        system = [caller_system] if isinstance(caller_system, str) else caller_system or []
-        sent = "\n".join([*system, *(t["content"] for t in turns)])
+        sent = "\n".join([*plan.caller_system, *(t["content"] for t in turns)])
         if answer_filter.check_input(sent) is not None:
-            return self._refused(req, route, turns, answer_filter, end_user, request_id)
+            return self._refused(req, plan.route, turns, answer_filter, end_user,
+                                 plan.request_id)
         history: list[dict[str, str]] = []
         conversation_id = req.conversation_id
         if conversation_id is not None:
             history = await self.conversations.history(
                 tenant.id, end_user, conversation_id, self.chat.max_history_messages)
         passages = await self._retrieve(tenant, req, history, turns)
-        max_tokens = self._max_tokens(tenant, req)
         # Earlier turns sent with the request are history too: trimmed first if too long.
-        parts = PromptParts(tenant_prompt=tenant.system_prompt, policy=policy,
-                            caller_system=caller_system, passages=passages,
+        parts = PromptParts(tenant_prompt=tenant.system_prompt, policy=plan.policy,
+                            caller_system=plan.caller_system, passages=passages,
                             history=[*history, *turns[:-1]], turns=turns[-1:])
-        messages, bound, kept = await self._fit(route, req.model, parts, max_tokens)
+        messages, bound, kept, exact = await self._fit(plan, req.model, parts)
         citations = [answer_filter.citation(_citation(i, p, self.chat.snippet_chars))
                      for i, p in enumerate((passages or [])[:kept], start=1)]
         body: dict[str, Any] = {
-            "model": req.model, "messages": messages, "max_tokens": max_tokens,
+            "model": req.model, "messages": messages, "max_tokens": plan.max_tokens,
             "stream": req.stream, **req.sampling(),
         }  # the dispatcher adds the tenant's cache_salt (and priority where the pool uses it)
         if req.stream:
@@ -193,11 +250,12 @@ class ChatService:
         response_id = f"chatcmpl-{new_id()}"
         return Prepared(
             request_id=response_id, created=int(time.time()),
-            model=req.model, route=route, body=body, citations=citations,
+            model=req.model, route=plan.route, body=body, citations=citations,
             conversation_id=conversation_id if req.store else None, turns=turns,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             prompt_tokens_bound=bound, end_user=end_user,
-            metering_id=request_id or response_id, store=req.store, filter=answer_filter,
+            metering_id=plan.request_id or response_id, store=req.store,
+            filter=answer_filter, prompt_tokens=bound if exact else None,
         )
 
     def _refused(self, req: ChatCompletionRequest, route: TenantRoute,
@@ -217,13 +275,15 @@ class ChatService:
     def refusal(self, tenant: Tenant, p: Prepared) -> dict[str, Any]:
         """The whole answer to a refused request (its hit recorded, nothing generated)."""
         self._note_hit(tenant, p, "input")
+        p.usage, p.shown = Usage(0, 0), [INPUT_REFUSAL]
+        p.response = {
+            "id": p.request_id, "object": "chat.completion", "created": p.created,
+            "model": p.model, "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": INPUT_REFUSAL},
+                "logprobs": None, "finish_reason": CONTENT_FILTER}],
+            "usage": p.usage.as_dict(), "citations": [], "conversation_id": None}
         _detach(self.finish(tenant, p))
-        p.usage = Usage(0, 0)
-        return {"id": p.request_id, "object": "chat.completion", "created": p.created,
-                "model": p.model, "choices": [{
-                    "index": 0, "message": {"role": "assistant", "content": INPUT_REFUSAL},
-                    "logprobs": None, "finish_reason": CONTENT_FILTER}],
-                "usage": p.usage.as_dict(), "citations": [], "conversation_id": None}
+        return p.response
 
     async def refusal_stream(self, tenant: Tenant, p: Prepared) -> AsyncIterator[bytes]:
         """The same refusal as server-sent events."""
@@ -247,25 +307,31 @@ class ChatService:
             tenant_id=tenant.id, request_id=p.metering_id, end_user=p.end_user,
             direction=direction, rule=p.filter.hit)))
 
-    async def admit(self, tenant: Tenant, p: Prepared) -> None:
-        """Rate limits, concurrency and the token budget (one Redis round trip; 429 if
-        refused), then start the conversation if this is a new one (a refused request
-        leaves none)."""
+    async def admit(self, tenant: Tenant, req: ChatCompletionRequest,
+                    plan: Plan) -> Ticket | None:
+        """Rate limits, concurrency and the token budget, before any work (one Redis
+        round trip; 429 if refused). A client request id is looked up in the same
+        script: its replay gets the stored result (``Ticket.replay``), another body or
+        a first request still running 409. None: nothing to admit (no limits, no id)."""
         limits = Limits(
             rpm=effective_limit(tenant, "rpm_limit"), tpm=effective_limit(tenant, "tpm_limit"),
             concurrency=effective_limit(tenant, "max_concurrency"),
             user_rpm=tenant.user_rpm_limit, user_tpm=tenant.user_tpm_limit,
             user_concurrency=tenant.user_max_concurrency,
             budget=effective_limit(tenant, "monthly_token_budget"))
-        if self.limiter is not None and limits != Limits():
-            try:
-                p.ticket = await self.limiter.admit(
-                    tenant.id, p.end_user, limits, p.cost,
-                    lambda period: self._metered_tokens(tenant.id, period))
-            except (RateLimitedError, ServiceUnavailableError) as exc:
-                if self.metrics is not None:
-                    self.metrics.rejected(tenant.slug, exc.code)
-                raise
+        if self.limiter is None or (limits == Limits() and plan.claim is None):
+            return None
+        try:
+            return await self.limiter.admit(
+                tenant.id, req.user or "", limits, plan.cost,
+                lambda period: self._metered_tokens(tenant.id, period), plan.claim)
+        except (RateLimitedError, ServiceUnavailableError) as exc:
+            if self.metrics is not None:
+                self.metrics.rejected(tenant.slug, exc.code)
+            raise
+
+    async def start_conversation(self, tenant: Tenant, p: Prepared) -> None:
+        """Start the conversation if this is a new one (a refused request leaves none)."""
         if p.conversation_id is None and p.store:
             try:
                 p.conversation_id = await self.conversations.start(
@@ -300,6 +366,7 @@ class ChatService:
                 p.usage = await self._count_usage(p, answer)
                 response["usage"] = p.usage.as_dict()
             p.status = "content_blocked" if stopped else "ok"
+            p.response, p.shown = response, [shown]  # what a replay of its id gets
         except DomainError as exc:
             p.status = exc.code
             raise
@@ -444,14 +511,32 @@ class ChatService:
                     log.warning("could not count the tokens of %s: %s", p.request_id, exc)
             usage = p.usage or Usage(0, 0)
             if p.ticket is not None and self.limiter is not None:
-                await self.limiter.settle(p.ticket, usage.total_tokens)
+                kept = self._replayable(p)
+                if kept is None and p.ticket.claimed:  # its id is free for a retry, which
+                    p.metering_id = _fresh_metering_id(p.metering_id)  # meters under it
+                await self.limiter.settle(p.ticket, usage.total_tokens, kept)
             _detach(self._meter(tenant, p, usage))
         except Exception:
             log.exception("settling %s failed", p.metering_id)
 
+    @staticmethod
+    def _replayable(p: Prepared) -> str | None:
+        """What a replay of the request's id gets: its answer (as far as it went), or
+        None if nothing was generated (it never reached a generation server)."""
+        if p.response is None and p.where is None and p.refused is None:
+            return None
+        failed = p.status not in ("ok", "content_blocked", "client_closed")
+        return StoredAnswer(
+            id=p.request_id, created=p.created, model=p.model, content="".join(p.shown),
+            finish_reason=p.finish_reason, usage=p.usage.as_dict() if p.usage else None,
+            citations=p.citation_dicts(),
+            conversation_id=str(p.conversation_id) if p.conversation_id else None,
+            error=p.status if failed else None, response=p.response).dumps()
+
     async def _meter(self, tenant: Tenant, p: Prepared, usage: Usage) -> None:
-        """The request's usage event (idempotent on its request id) and metrics; a
-        replayed request id is taken back out of the budget."""
+        """The request's usage event and metrics. Its id was metered before only when
+        its idempotency record was gone (expired, or Redis lost it): the event is then
+        stored under a fresh id, never dropped, and the budget keeps its tokens."""
         try:
             gpu_seconds = p.where.gpu_seconds if p.where else None
             cost = self.dispatcher.cost(p.where, p.model, prompt=usage.prompt_tokens,
@@ -469,9 +554,11 @@ class ChatService:
                 latency_ms=duration_s * 1000, status=p.status, cost_usd=cost,
                 gpu_seconds=gpu_seconds)
             self._observe(tenant, p, usage, duration_s, gpu_seconds, float(cost))
-            inserted = await self.usage.record(event)
-            if not inserted and p.ticket is not None and self.limiter is not None:
-                await self.limiter.refund(p.ticket, usage.total_tokens)
+            if not await self.usage.record(event):
+                event.request_id = _fresh_metering_id(p.metering_id)
+                log.warning("request id %s was metered before; its usage is stored as %s",
+                            p.metering_id, event.request_id)
+                await self.usage.record(event)
         except Exception:
             log.exception("could not write the usage event of %s", p.metering_id)
 
@@ -501,10 +588,12 @@ class ChatService:
 
     async def _count_usage(self, p: Prepared, answer: str) -> Usage:
         """Usage from the server's tokenizer, for a server that reported none."""
-        messages = p.body["messages"]
-        prompt = await self.dispatcher.count_prompt_tokens(p.route, p.model, messages)
-        completion = await self.dispatcher.count_text_tokens(p.route, p.model, answer) \
-            if answer else 0
+        prompt = p.prompt_tokens  # counted exactly while fitting the window, if it was
+        if prompt is None:
+            prompt = await self.dispatcher.count_prompt_tokens(
+                p.route, p.model, p.body["messages"], cost=p.prompt_tokens_bound)
+        completion = await self.dispatcher.count_text_tokens(
+            p.route, p.model, answer, cost=len(answer)) if answer else 0
         return Usage(prompt, completion, counted=True)
 
     async def _record(self, tenant: Tenant, p: Prepared, answer: str) -> None:
@@ -537,50 +626,44 @@ class ChatService:
         cap = effective_limit(tenant, "max_output_tokens")
         return min(asked, cap) if cap is not None else asked
 
-    async def _fit(self, route: TenantRoute, model: str, parts: PromptParts,
-                   max_tokens: int) -> tuple[list[dict[str, str]], int, int]:
+    async def _fit(self, plan: Plan, model: str, parts: PromptParts,
+                   ) -> tuple[list[dict[str, str]], int, int, bool]:
         """The messages, trimmed to fit the context window with room for the answer:
         oldest history first, then the lowest-ranked passages. Returns them with the
-        prompt's token count (exact, or a bound when it clearly fits) and how many
-        passages they kept."""
+        prompt's token count, how many passages they kept, and whether the count is
+        exact. At most one ``/tokenize`` call (through a generation slot): when the whole
+        prompt is over, what to drop is found locally, from its exact count scaled by
+        each part's bytes (with ``FIT_HEADROOM`` to spare)."""
         everything = len(parts.passages or [])
-        window = await self.dispatcher.context_window(route, model)
-        budget = window - max_tokens
-        if budget <= 0:
-            raise ContextLengthError(f"max_tokens {max_tokens} leaves no room for a prompt "
-                                     f"in the model's {window}-token context window")
+        budget = plan.window - plan.max_tokens
         messages = build_messages(parts)
         bound = token_upper_bound(messages)
         if bound <= budget:
-            return messages, bound, everything
-        count = await self.dispatcher.count_prompt_tokens(route, model, messages)
+            return messages, bound, everything, False
+        count = await self.dispatcher.count_prompt_tokens(
+            plan.route, model, messages, cost=bound + plan.max_tokens)
         if count <= budget:
-            return messages, count, everything
-        # Drop the fewest oldest history messages that make it fit (binary search).
-        lo, hi = 1, len(parts.history)
-        best: tuple[list[dict[str, str]], int] | None = None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            candidate = build_messages(parts, history_from=mid)
-            n = await self.dispatcher.count_prompt_tokens(route, model, candidate)
-            if n <= budget:
-                best, hi = (candidate, n), mid - 1
-            else:
-                lo = mid + 1
-        if best is not None:
-            return best[0], best[1], everything
-        bare = build_messages(parts, history_from=len(parts.history))
-        n = (await self.dispatcher.count_prompt_tokens(route, model, bare) if parts.history
-             else count)
+            return messages, count, everything, True
+        density = count / bound * (1 + FIT_HEADROOM)  # tokens per byte of this prompt
+        # Dropping the oldest history messages takes their bytes off the bound.
+        dropped = 0
+        for history_from, m in enumerate(parts.history, start=1):
+            dropped += len(defuse(m["content"]).encode()) + TEMPLATE_TOKENS_PER_MESSAGE
+            if math.ceil((bound - dropped) * density) <= budget:
+                candidate = build_messages(parts, history_from=history_from)
+                return candidate, math.ceil((bound - dropped) * density), everything, False
         for keep in range(everything - 1, -1, -1):
             candidate = build_messages(parts, history_from=len(parts.history), passages=keep)
-            n = await self.dispatcher.count_prompt_tokens(route, model, candidate)
-            if n <= budget:
-                return candidate, n, keep
+            estimate = math.ceil(token_upper_bound(candidate) * density)
+            if estimate <= budget:
+                return candidate, estimate, keep, False
+        bare = build_messages(parts, history_from=len(parts.history), passages=0)
+        n = count if not parts.history and not everything \
+            else math.ceil(token_upper_bound(bare) * count / bound)
         raise ContextLengthError(
-            f"the message is too long: {n} prompt tokens even without history or passages; "
-            f"the model's context window is {window} tokens and max_tokens is {max_tokens}",
-            context_window=window)
+            f"the message is too long: about {n} prompt tokens even without history or "
+            f"passages; the model's context window is {plan.window} tokens and max_tokens "
+            f"is {plan.max_tokens}", context_window=plan.window)
 
 
 def _citation(index: int, chunk: RetrievedChunk, snippet_chars: int) -> Citation:
@@ -615,6 +698,12 @@ def _detach(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     _DETACHED.add(task)
     task.add_done_callback(_DETACHED.discard)
     return task
+
+
+def _fresh_metering_id(request_id: str) -> str:
+    """A usage event id of its own for a request whose client id is metered under
+    another event ('/' never occurs in a client's id; 100 characters at most)."""
+    return f"{request_id[:67]}/{new_id()}"
 
 
 def _usage(raw: Any) -> Usage | None:
