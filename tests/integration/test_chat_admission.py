@@ -238,6 +238,31 @@ async def test_a_long_history_is_trimmed_to_the_window_with_one_tokenize_call(
     assert sent[-1]["content"] == "and?" and sent[-2]["content"] == filler  # newest kept
 
 
+async def test_counting_the_prompt_waits_for_a_generation_slot(
+    app: Litestar, client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+    settings: Settings, fake: FakeServer,
+) -> None:
+    _, headers = await chat_tenant(client, admin_headers)
+    long = {**body(), "messages": [{"role": "user", "content": "tell me about leave " * 150}]}
+    async with routed_through(app, client, one_pool(fake.base_url, max_in_flight=1),
+                              settings):
+        fake.config.ttft_s = 1.0
+        try:
+            holding = asyncio.ensure_future(
+                http.post("/v1/chat/completions", headers=headers, json=body()))
+            await asyncio.sleep(0.3)  # it holds the pool's one slot now
+            before = fake.stats.tokenize_calls
+            counted = asyncio.ensure_future(
+                http.post("/v1/chat/completions", headers=headers, json=long))
+            await asyncio.sleep(0.4)
+            assert fake.stats.tokenize_calls == before  # queued behind the generation
+            assert (await holding).status_code == 200
+            assert (await counted).status_code == 200
+            assert fake.stats.tokenize_calls == before + 1
+        finally:
+            fake.config.ttft_s = 0.0
+
+
 async def test_message_text_is_bounded_however_it_is_split(
     client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
     fake: FakeServer,

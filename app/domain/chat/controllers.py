@@ -32,7 +32,7 @@ EndUser = Annotated[str, QueryParameter(max_length=256,
 
 
 @post("/v1/chat/completions", status_code=200, tags=["chat"], guards=[CHAT],
-      responses=problems(404, 429, 502, 504),
+      responses=problems(404, 409, 429, 502, 504),
       operation_class=also_answering("text/event-stream"),
       summary="Chat, grounded in the tenant's documents (OpenAI-compatible)",
       description="OpenAI's chat completion request; extras (`knowledge_base_ids`, "
