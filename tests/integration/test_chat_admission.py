@@ -21,7 +21,8 @@ from litestar.testing import AsyncTestClient
 
 from app.domain.search.schemas import RetrievedChunk
 from app.domain.search.service import SearchService
-from app.quotas.limiter import RateLimiter, period_of
+from app.errors import IdempotencyConflictError, IdempotencyInProgressError
+from app.quotas.limiter import Claim, Limits, RateLimiter, period_of
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import (
@@ -188,6 +189,63 @@ async def test_a_request_that_failed_before_generating_may_be_retried_with_its_i
     billed = [r for r in rows if r["request_id"] == "flaky-1"]
     assert len(billed) == 1 and billed[0]["completion_tokens"] > 0
     assert all(r["request_id"].startswith("flaky-1/") for r in rows if r not in billed)
+
+
+async def test_a_stream_cut_by_the_server_replays_as_far_as_it_went(
+    client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+    settings: Settings, fake: FakeServer,
+) -> None:
+    info, headers = await chat_tenant(client, admin_headers)
+    cut = {**headers, "X-Request-Id": "cut-1"}
+    fake.config.die_after_tokens = 3
+    try:
+        live = await http.post("/v1/chat/completions", headers=cut, json=body(stream=True))
+    finally:
+        fake.config.die_after_tokens = None
+    generated = fake.stats.requests
+    replay = await http.post("/v1/chat/completions", headers=cut, json=body(stream=True))
+    whole = await http.post("/v1/chat/completions", headers=cut, json=body())
+    assert fake.stats.requests == generated
+    assert streamed_text(replay) == streamed_text(live) != ""
+    errors = [e["error"]["code"] for e in events(live) if isinstance(e, dict) and "error" in e]
+    assert errors and [e["error"]["code"] for e in events(replay)
+                       if isinstance(e, dict) and "error" in e] == errors
+    assert whole.status_code == 409  # another body (not a stream) under the same id
+    rows = await owner_rows(settings, "usage_events", info["id"])
+    assert [r["request_id"] for r in rows] == ["cut-1"] and rows[0]["completion_tokens"] > 0
+
+
+async def test_a_claim_lives_with_its_lease_then_keeps_the_answer_for_the_window(
+    settings: Settings,
+) -> None:
+    async def no_usage(_: str) -> int:
+        return 0
+
+    async with aioredis.Redis.from_url(settings.redis.url or "") as r:
+        limiter = RateLimiter(r, namespace=f"test-{uuid.uuid4().hex[:8]}", lease_ttl_s=30,
+                              idempotency_window_s=3600)
+        tenant, limits, claim = uuid.uuid4(), Limits(rpm=100), Claim("r-1", "hash-a")
+        first = await limiter.admit(tenant, "", limits, 10, no_usage, claim)
+        record = first.keys[9]
+        assert first.claimed and 0 < await r.pttl(record) <= 30_000
+        with pytest.raises(IdempotencyInProgressError):
+            await limiter.admit(tenant, "", limits, 10, no_usage, claim)
+        await r.pexpire(record, 5_000)
+        await limiter.renew(first)  # a long stream keeps its claim with its lease
+        assert await r.pttl(record) > 25_000
+        await limiter.settle(first, 7, '{"answer": 1}')
+        assert 3_500_000 < await r.pttl(record) <= 3_600_000
+        replay = await limiter.admit(tenant, "", limits, 10, no_usage, claim)
+        assert replay.replay == '{"answer": 1}' and replay.settled
+        with pytest.raises(IdempotencyConflictError):
+            await limiter.admit(tenant, "", limits, 10, no_usage, Claim("r-1", "hash-b"))
+        # Nothing generated: the id is free again; another tenant's is its own.
+        failed = await limiter.admit(tenant, "", limits, 10, no_usage, Claim("r-2", "h"))
+        await limiter.settle(failed, 0)
+        retried = await limiter.admit(tenant, "", limits, 10, no_usage, Claim("r-2", "h"))
+        assert retried.claimed and retried.replay is None
+        other = await limiter.admit(uuid.uuid4(), "", limits, 10, no_usage, claim)
+        assert other.claimed and other.replay is None
 
 
 async def test_a_tenant_over_its_rpm_costs_no_retrieval_and_no_tokenize(

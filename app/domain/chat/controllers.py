@@ -22,7 +22,7 @@ from app.domain.chat.conversations import ConversationService
 from app.domain.chat.replay import StoredAnswer
 from app.domain.chat.schemas import ChatCompletionRequest
 from app.domain.chat.service import ChatService
-from app.errors import BadRequestError, PermissionDeniedError
+from app.errors import BadRequestError, PermissionDeniedError, UpstreamError
 
 AnyRequest = Request[Any, Any, Any]
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
@@ -85,6 +85,10 @@ _REPLAYED = {"Idempotent-Replayed": "true"}
 
 def _replayed(stored: StoredAnswer, data: ChatCompletionRequest) -> Response[Any]:
     """The first request's answer again (its X-Request-Id and body seen before)."""
+    if stored.error is not None and stored.response is None and not data.stream:
+        # Generated, then failed: the first request was answered with this error too.
+        raise UpstreamError(f"the first request with this X-Request-Id failed "
+                            f"({stored.error}); send a new id to ask again")
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         return Stream(stored.as_events(include_usage), media_type="text/event-stream",
