@@ -481,9 +481,12 @@ def _idempotent(ticket: Ticket, code: int, result: list[Any]) -> Ticket:
 
 def _settling_may_change(result: list[Any]) -> bool:
     """A refusal that a settlement under way could turn around: concurrency (it frees a
-    slot), tokens per minute or the budget (it replaces a reservation by what was used).
-    Requests per minute count requests, which settling does not change."""
+    slot), tokens per minute or the budget (it replaces a reservation by what was used),
+    a request id still claimed (it stores the answer to replay). Requests per minute
+    count requests, which settling does not change."""
     code = int(result[0])
+    if code == 5:
+        return True
     if code not in (1, 2, 3):
         return False
     which = result[2].decode() if isinstance(result[2], bytes) else str(result[2])

@@ -244,7 +244,7 @@ async def test_a_claim_lives_with_its_lease_then_keeps_the_answer_for_the_window
         await limiter.settle(failed, 0)
         retried = await limiter.admit(tenant, "", limits, 10, no_usage, Claim("r-2", "h"))
         assert retried.claimed and retried.replay is None
-        other = await limiter.admit(uuid.uuid4(), "", limits, 10, no_usage, claim)
+        other = await limiter.admit(uuid.uuid4(), "", Limits(), 10, no_usage, claim)
         assert other.claimed and other.replay is None
 
 
