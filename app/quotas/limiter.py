@@ -391,7 +391,7 @@ class RateLimiter:
             ticket.headers = _headers(limits, result)
             ticket.claimed = claim is not None
             return ticket
-        if code >= 4:
+        if code in (4, 5, 6):
             return _idempotent(ticket, code, result)
         which = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
         if code == 1:
