@@ -162,7 +162,7 @@ class UsageWriter:
     async def _write(self, batch: list[Pending]) -> None:
         try:
             await self._write_isolating(batch)
-        except Exception as exc:  # an outage past retry_for_s, or the quarantine refused too
+        except Exception as exc:  # an outage past retry_for_s
             log.exception("could not write %d usage events", len(batch))
             for _, future in batch:
                 if not future.done():
@@ -204,7 +204,17 @@ class UsageWriter:
     async def _quarantine(self, pending: Pending, exc: BaseException) -> None:
         event, future = pending
         values = row_values(event)
-        error, reason = await self._retrying(lambda: quarantine(self.db, values, exc))
+        try:
+            error, reason = await self._retrying(lambda: quarantine(self.db, values, exc))
+        except Exception as failure:
+            if _transient(failure):
+                raise  # an outage past retry_for_s: the batch's unwritten events fail too
+            # Lose this event only; the rest of its batch is still written.
+            log.exception("could not quarantine usage event %r of tenant %s (refused "
+                          "with %s)", values["request_id"], event.tenant_id, exc)
+            if not future.done():
+                future.set_exception(failure)
+            return
         self.quarantined += 1
         log.error("usage event quarantined: tenant %s, request %r, kind %s: %s: %s",
                   event.tenant_id, values["request_id"], values["kind"], error, reason)

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from app.db.engine import Database, make_engine
 from app.db.models import UsageEvent, UsageQuarantine
+from app.quotas import usage_writer
 from app.quotas.metrics import ServiceMetrics
 from app.quotas.usage_writer import (
     ROW_FIELDS,
@@ -211,3 +212,27 @@ async def test_the_quarantine_is_the_operators_alone(
     page = (await client.get("/admin/usage/quarantine", headers=admin_headers,
                              params={"tenant_id": str(tenant_id)})).json()
     assert page["data"][0]["request_id"] == "bad\\u0000id"  # escaped, so it could be stored
+
+
+async def test_an_event_the_quarantine_refuses_too_costs_only_itself(
+    client: Client, admin_headers: dict[str, str], settings: Settings, db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken_quarantine(*_: object) -> tuple[str, str]:
+        raise ValueError("the quarantine is broken too")
+
+    monkeypatch.setattr(usage_writer, "quarantine", broken_quarantine)
+    ids = await tenants(client, admin_headers, 2)
+    writer = UsageWriter(db)
+    writer.start()
+    rows = [UsageRow(tenant_id=ids[i % 2], request_id=f"b{i}", kind="chat", model="m",
+                     status="ok") for i in range(40)]
+    rows[3].end_user = "\x00"
+    try:
+        results = await asyncio.gather(*(writer.record(r) for r in rows),
+                                       return_exceptions=True)
+    finally:
+        await writer.close()
+    assert isinstance(results[3], ValueError)
+    assert [r for i, r in enumerate(results) if i != 3] == [True] * 39
+    assert len(await stored(settings, ids)) == 39
