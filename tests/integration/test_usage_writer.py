@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from app.db.engine import Database, make_engine
@@ -236,3 +237,22 @@ async def test_an_event_the_quarantine_refuses_too_costs_only_itself(
     assert isinstance(results[3], ValueError)
     assert [r for i, r in enumerate(results) if i != 3] == [True] * 39
     assert len(await stored(settings, ids)) == 39
+
+
+async def test_the_apps_writer_counts_quarantined_events_on_metrics(
+    app: Litestar, client: Client, admin_headers: dict[str, str],
+) -> None:
+    [tenant_id] = await tenants(client, admin_headers, 1)
+    poisoned = UsageRow(tenant_id=tenant_id, request_id="m\x00", kind="chat", model="m",
+                        status="ok")
+
+    async def record() -> None:  # on the app's own loop, as the chat path records
+        with pytest.raises(UsageEventQuarantinedError):
+            await app.state.usage_writer.record(poisoned)
+
+    await asyncio.wrap_future(client.blocking_portal.start_task_soon(record))
+    text = (await client.get("/metrics", headers=admin_headers)).text
+    counted = {tuple(sorted(s.labels.items())): s.value
+               for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == "tenantrag_usage_events_quarantined_total"}
+    assert counted[(("error", "CharacterNotInRepertoireError"), ("kind", "chat"))] >= 1
