@@ -73,6 +73,7 @@ from app.quotas.limiter import RateLimiter
 from app.quotas.metrics import DispatchCollector, ServiceMetrics
 from app.quotas.metrics_route import prometheus_metrics
 from app.quotas.pipe import RedisPipe
+from app.quotas.quarantine import admin_usage_quarantine
 from app.quotas.reports import admin_usage, tenant_usage
 from app.quotas.usage import UsageService
 from app.quotas.usage_writer import UsageWriter
@@ -118,7 +119,8 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             check_vector_size(loaded, settings.qdrant.dense_dim)
             rerank_model = settings.chat.rerank_model
             reranker = await asyncio.to_thread(Reranker, rerank_model) if rerank_model else None
-            usage_writer = UsageWriter(db)
+            usage_writer = UsageWriter(db, on_quarantine=lambda kind, error:
+                                       app.state.metrics.quarantined(kind, error))
             usage_writer.start()
             stack.push_async_callback(usage_writer.close)  # drained before the pool closes
             dispatcher = make_dispatcher(settings)
@@ -307,7 +309,7 @@ def create_app(
                         retrieve, chat_completions, ConversationController,
                         get_system_prompt, put_system_prompt, list_system_prompt_versions,
                         list_pools, tenant_usage, admin_usage, prometheus_metrics,
-                        tenant_audit, admin_audit,
+                        tenant_audit, admin_audit, admin_usage_quarantine,
                         mint_embed_token, get_embed_settings, put_embed_settings,
                         get_content_rules, put_content_rules, list_content_rule_hits],
         dependencies={

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import jwt
 
 from app.errors import AuthenticationError
+from app.text_fields import check_single_line
 
 ISSUER = "tenantrag"
 AUDIENCE = "tenantrag-embed"
@@ -70,7 +71,9 @@ class EmbedTokenSigner:
             raise AuthenticationError(f"invalid embed token: {exc}") from exc
         try:
             return EmbedClaims(
-                tenant_id=uuid.UUID(claims["tid"]), end_user=str(claims["sub"]),
+                tenant_id=uuid.UUID(claims["tid"]),
+                # A subject minted before control characters were refused is refused here.
+                end_user=check_single_line(str(claims["sub"])),
                 kb_ids=frozenset(uuid.UUID(k) for k in claims["kbs"]),
                 key_id=uuid.UUID(claims["kid"]),
                 expires_at=datetime.fromtimestamp(claims["exp"], UTC))

@@ -372,3 +372,22 @@ class AuditEvent(SQLModel, table=True):
         pg.JSONB, nullable=False, server_default="{}"))
     request_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(100)))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class UsageQuarantine(SQLModel, table=True):
+    """A usage event the writer could not store (a value PostgreSQL refuses, a tenant
+    gone): set aside with the reason instead of failing its whole batch. An operator
+    table: only the platform scope reads or writes it (no tenant policy); no foreign key,
+    so it outlives the tenant. Its text is escaped (``\\u0000``) so it can be stored."""
+
+    __tablename__ = "usage_quarantine"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(),
+                                                              primary_key=True))
+    tenant_id: uuid.UUID = Field(sa_column=sa.Column(pg.UUID(as_uuid=True), nullable=False))
+    request_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    kind: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    error: str = Field(sa_column=sa.Column(sa.String(100), nullable=False))
+    reason: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    event: dict[str, Any] = Field(sa_column=sa.Column(pg.JSONB, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())

@@ -48,6 +48,10 @@ class ServiceMetrics:
         self.cost = Counter("tenantrag_cost_usd", "Metered cost in USD", tm, registry=r)
         self.rejections = Counter("tenantrag_rejections", "Requests refused before "
                                   "generation, by reason", ["tenant", "reason"], registry=r)
+        self.usage_quarantined = Counter(
+            "tenantrag_usage_events_quarantined", "Usage events PostgreSQL refused, set "
+            "aside in usage_quarantine (GET /admin/usage/quarantine), by kind and the "
+            "driver's error class", ["kind", "error"], registry=r)
 
     def tenant_label(self, slug: str) -> str:
         """The tenant's label: its slug while under the bound, else ``other``."""
@@ -82,6 +86,10 @@ class ServiceMetrics:
     def rejected(self, tenant: str, reason: str) -> None:
         """A request refused by a limit, a budget, or a full or missing pool."""
         self.rejections.labels(self.tenant_label(tenant), reason).inc()
+
+    def quarantined(self, kind: str, error: str) -> None:
+        """A usage event the writer could not store (kept in the quarantine)."""
+        self.usage_quarantined.labels(kind, error).inc()
 
     def render(self) -> bytes:
         """The exposition text."""

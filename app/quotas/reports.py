@@ -1,11 +1,10 @@
 """Usage reports: ``GET /v1/usage`` (a tenant's own, ``admin`` scope) and
-``GET /admin/usage`` (the operator, across tenants), as JSON or CSV."""
+``GET /admin/usage`` (the operator, across tenants), as JSON or CSV (text cells a
+spreadsheet would run as formulas are quoted: app/api/csv_export.py)."""
 
 from __future__ import annotations
 
-import csv
 import enum
-import io
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -17,6 +16,7 @@ from litestar.params import FromQuery, QueryParameter
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
+from app.api.csv_export import csv_response
 from app.api.guards import platform_only, requires_scope, tenant_of
 from app.api.openapi import also_answering
 from app.auth.keys import Scope
@@ -126,15 +126,11 @@ async def usage_report(db: Database, tenant_id: uuid.UUID | None, start: datetim
 def _respond(report: UsageReport, fmt: str) -> Response[Any]:
     if fmt == "json":
         return Response(report)
-    out = io.StringIO()
-    writer = csv.writer(out)
     columns = ["requests", "prompt_tokens", "completion_tokens", "total_tokens",
                "cached_tokens", "errors", "cost_usd", "gpu_seconds"]
-    writer.writerow([report.group_by.value, *columns])
-    for r in report.data:
-        writer.writerow([r.key, *(getattr(r, c) for c in columns)])
-    return Response(out.getvalue(), media_type="text/csv", headers={
-        "Content-Disposition": f'attachment; filename="usage-{report.group_by.value}.csv"'})
+    return csv_response([report.group_by.value, *columns],
+                        ([r.key, *(getattr(r, c) for c in columns)] for r in report.data),
+                        f"usage-{report.group_by.value}.csv")
 
 
 From = FromQuery[Annotated[datetime | None,

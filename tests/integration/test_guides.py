@@ -165,7 +165,7 @@ async def test_the_operator_guide_api_examples_run(base_url: str, tmp_path: Path
     result = await run(["bash"], script, {"TENANTRAG_URL": base_url,
                                           "TENANTRAG_ADMIN_KEY": PLATFORM_KEY}, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    patched, suspended, activated, pools, usage, audit = json_values(result.stdout)
+    patched, suspended, activated, pools, usage, audit, quarantine = json_values(result.stdout)
     assert patched["slug"] == "initech" and suspended["id"] == patched["id"]
     assert patched["tier"] == "enterprise" and patched["allow_spillover"] is True
     assert patched["monthly_token_budget"] == 50_000_000
@@ -174,6 +174,7 @@ async def test_the_operator_guide_api_examples_run(base_url: str, tmp_path: Path
     assert usage["group_by"] == "tenant"
     assert [e["action"] for e in audit["data"]] == [
         "tenant.activated", "tenant.suspended", "tenant.updated", "tenant.created"]
+    assert isinstance(quarantine["data"], list) and "next_before" in quarantine
 
 
 def json_values(text: str) -> list[Any]:

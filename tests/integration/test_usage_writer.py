@@ -1,6 +1,7 @@
 """The batched usage writer against real PostgreSQL: many tenants' events in few
 transactions, each tenant's rows under its own RLS scope, replays counted once, and a
-PostgreSQL outage waited out without losing an event."""
+PostgreSQL outage waited out without losing an event, and an event PostgreSQL refuses
+quarantined without losing the rest of its batch."""
 
 from __future__ import annotations
 
@@ -14,13 +15,23 @@ import asyncpg
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from app.db.engine import Database, make_engine
-from app.db.models import UsageEvent
-from app.quotas.usage_writer import ROW_FIELDS, UsageRow, UsageWriter, UsageWriterClosedError
+from app.db.models import UsageEvent, UsageQuarantine
+from app.quotas import usage_writer
+from app.quotas.metrics import ServiceMetrics
+from app.quotas.usage_writer import (
+    ROW_FIELDS,
+    UsageEventQuarantinedError,
+    UsageRow,
+    UsageWriter,
+    UsageWriterClosedError,
+)
 from app.settings import Settings
 from tests.faults import TcpProxy
-from tests.support import create_tenant, plain_dsn
+from tests.support import bearer, create_key, create_tenant, plain_dsn
 
 Client = AsyncTestClient[Litestar]
 
@@ -140,3 +151,108 @@ async def test_a_plain_row_is_stored_like_the_orm_event(
     assert [r["request_id"] for r in rows] == ["orm", "row"]
     orm, row = ({k: v for k, v in r.items() if k != "request_id"} for r in rows)
     assert orm == row == fields
+
+
+POISONS = {  # end users the API now refuses, as an older process could have sent them
+    "nul": "bob\x00",  # PostgreSQL text cannot hold NUL
+    "lone surrogate": "\ud800",  # not encodable as UTF-8 at all
+    "too long": "u" * 300,  # over the column's 256 characters
+}
+
+
+@pytest.mark.parametrize("poison", POISONS, ids=list(POISONS))
+async def test_one_unstorable_event_is_quarantined_and_the_other_499_are_stored(
+    client: Client, admin_headers: dict[str, str], settings: Settings, db: Database,
+    poison: str,
+) -> None:
+    ids = await tenants(client, admin_headers, 10)
+    metrics = ServiceMetrics(10, lambda: ())
+    writer = UsageWriter(db, on_quarantine=metrics.quarantined)
+    writer.start()
+    rows = [UsageRow(tenant_id=ids[i % 10], request_id=f"q{i}", kind="chat", model="m",
+                     status="ok", prompt_tokens=5, end_user=f"user{i}") for i in range(500)]
+    rows[257] = UsageRow(tenant_id=ids[7], request_id="poisoned", kind="chat", model="m",
+                         status="ok", prompt_tokens=5, end_user=POISONS[poison])
+    try:
+        results = await asyncio.gather(*(writer.record(r) for r in rows),
+                                       return_exceptions=True)
+    finally:
+        await writer.close()
+    assert isinstance(results[257], UsageEventQuarantinedError)
+    assert [r for i, r in enumerate(results) if i != 257] == [True] * 499
+    stored_ids = {r["request_id"] for r in await stored(settings, ids)}
+    assert stored_ids == {f"q{i}" for i in range(500) if i != 257}
+    # The operator reads it, with the reason, over the API (and in the metric).
+    page = (await client.get("/admin/usage/quarantine", headers=admin_headers,
+                             params={"tenant_id": str(ids[7])})).json()
+    [entry] = page["data"]
+    assert entry["request_id"] == "poisoned" and entry["kind"] == "chat"
+    assert entry["error"] and entry["reason"]
+    assert entry["event"]["prompt_tokens"] == 5
+    assert writer.quarantined == 1
+    assert metrics.usage_quarantined.labels("chat", entry["error"])._value.get() == 1
+
+
+async def test_the_quarantine_is_the_operators_alone(
+    client: Client, admin_headers: dict[str, str], db: Database,
+) -> None:
+    [tenant_id] = await tenants(client, admin_headers, 1)
+    writer = UsageWriter(db)
+    writer.start()
+    try:
+        with pytest.raises(UsageEventQuarantinedError, match="CharacterNotInRepertoire"):
+            await writer.record(UsageRow(tenant_id=tenant_id, request_id="bad\x00id",
+                                         kind="chat", model="m", status="ok"))
+    finally:
+        await writer.close()
+    async with db.tenant(tenant_id) as session:  # the tenant's own scope sees nothing
+        assert (await session.execute(select(UsageQuarantine))).all() == []
+    key = (await create_key(client, admin_headers, str(tenant_id), ["admin"]))["key"]
+    response = await client.get("/admin/usage/quarantine", headers=bearer(key))
+    assert response.status_code in (401, 403)
+    page = (await client.get("/admin/usage/quarantine", headers=admin_headers,
+                             params={"tenant_id": str(tenant_id)})).json()
+    assert page["data"][0]["request_id"] == "bad\\u0000id"  # escaped, so it could be stored
+
+
+async def test_an_event_the_quarantine_refuses_too_costs_only_itself(
+    client: Client, admin_headers: dict[str, str], settings: Settings, db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken_quarantine(*_: object) -> tuple[str, str]:
+        raise ValueError("the quarantine is broken too")
+
+    monkeypatch.setattr(usage_writer, "quarantine", broken_quarantine)
+    ids = await tenants(client, admin_headers, 2)
+    writer = UsageWriter(db)
+    writer.start()
+    rows = [UsageRow(tenant_id=ids[i % 2], request_id=f"b{i}", kind="chat", model="m",
+                     status="ok") for i in range(40)]
+    rows[3].end_user = "\x00"
+    try:
+        results = await asyncio.gather(*(writer.record(r) for r in rows),
+                                       return_exceptions=True)
+    finally:
+        await writer.close()
+    assert isinstance(results[3], ValueError)
+    assert [r for i, r in enumerate(results) if i != 3] == [True] * 39
+    assert len(await stored(settings, ids)) == 39
+
+
+async def test_the_apps_writer_counts_quarantined_events_on_metrics(
+    app: Litestar, client: Client, admin_headers: dict[str, str],
+) -> None:
+    [tenant_id] = await tenants(client, admin_headers, 1)
+    poisoned = UsageRow(tenant_id=tenant_id, request_id="m\x00", kind="chat", model="m",
+                        status="ok")
+
+    async def record() -> None:  # on the app's own loop, as the chat path records
+        with pytest.raises(UsageEventQuarantinedError):
+            await app.state.usage_writer.record(poisoned)
+
+    await asyncio.wrap_future(client.blocking_portal.start_task_soon(record))
+    text = (await client.get("/metrics", headers=admin_headers)).text
+    counted = {tuple(sorted(s.labels.items())): s.value
+               for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == "tenantrag_usage_events_quarantined_total"}
+    assert counted[(("error", "CharacterNotInRepertoireError"), ("kind", "chat"))] >= 1

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import uuid
 from datetime import UTC, datetime
@@ -14,6 +12,7 @@ from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
+from app.api.csv_export import csv_response
 from app.api.guards import platform_only, requires_scope, tenant_of
 from app.api.openapi import also_answering
 from app.auth.keys import Scope
@@ -50,15 +49,12 @@ def _query(limit: int, before: int | None, start: datetime | None, end: datetime
 def _respond(page: AuditPage, fmt: str) -> Response[Any]:
     if fmt == "json":
         return Response(page)
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(CSV_COLUMNS)
+    rows = []
     for event in page.data:
         row = event.model_dump(mode="json")
         row["details"] = json.dumps(row["details"], sort_keys=True)
-        writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
-    return Response(out.getvalue(), media_type="text/csv",
-                    headers={"Content-Disposition": 'attachment; filename="audit.csv"'})
+        rows.append(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
+    return csv_response(CSV_COLUMNS, rows, "audit.csv")
 
 
 @get("/v1/audit", guards=[requires_scope(Scope.admin)], tags=["tenant admin"],

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from app.domain.search.schemas import Filters
+from app.text_fields import SINGLE_LINE
 
 Role = Literal["system", "developer", "user", "assistant"]
 MAX_MESSAGES = 500
@@ -90,7 +91,7 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
     frequency_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
     seed: int | None = None
-    user: Annotated[str | None, Field(max_length=256)] = None
+    user: Annotated[str, Field(max_length=256), SINGLE_LINE] | None = None
     store: bool = True  # keep the exchange as a conversation (OpenAI's own flag)
     # Our extras.
     knowledge_base_ids: Annotated[list[uuid.UUID] | None, Field(max_length=100)] = None

@@ -8,11 +8,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from app.text_fields import SINGLE_LINE
+
 # scheme://host[:port], as browsers send it in Origin (no path, no trailing slash).
 Origin = Annotated[str, StringConstraints(
     pattern=r"^https?://[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$",
     max_length=255)]
-EndUser = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+EndUser = Annotated[str, StringConstraints(min_length=1, max_length=256), SINGLE_LINE]
 
 
 class EmbedSettings(BaseModel):

@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from app.auth.keys import Scope
+from app.text_fields import SINGLE_LINE
 
 
 class ApiKeyCreate(BaseModel):
@@ -16,7 +17,8 @@ class ApiKeyCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+                    SINGLE_LINE]
     scopes: Annotated[list[Scope], Field(min_length=1, max_length=3)]
 
     @field_validator("scopes")

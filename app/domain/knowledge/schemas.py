@@ -9,12 +9,17 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.db.models import DocumentStatus
+from app.text_fields import FREE_TEXT, SINGLE_LINE, FreeText, SingleLine
 
-KbName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-ExternalId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
-Filename = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512)]
-MetadataValue = str | int | float | bool | None
-Metadata = Annotated[dict[str, MetadataValue], Field(max_length=64)]
+KbName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+                   SINGLE_LINE]
+ExternalId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256),
+                       SINGLE_LINE]
+Filename = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512),
+                     SINGLE_LINE]
+Description = Annotated[str, Field(max_length=2000), FREE_TEXT]
+MetadataValue = FreeText | int | float | bool | None
+Metadata = Annotated[dict[SingleLine, MetadataValue], Field(max_length=64)]
 
 
 class KnowledgeBaseCreate(BaseModel):
@@ -23,7 +28,7 @@ class KnowledgeBaseCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: KbName
-    description: Annotated[str, Field(max_length=2000)] = ""
+    description: Description = ""
 
 
 class KnowledgeBaseUpdate(BaseModel):
@@ -32,7 +37,7 @@ class KnowledgeBaseUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: KbName | None = None
-    description: Annotated[str | None, Field(max_length=2000)] = None
+    description: Description | None = None
 
 
 class KnowledgeBaseOut(BaseModel):

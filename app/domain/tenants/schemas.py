@@ -9,15 +9,18 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.db.models import SystemMessagePolicy, TenantStatus, Tier
+from app.text_fields import FREE_TEXT, SINGLE_LINE
 
 Slug = Annotated[
     str,
     StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"),
     Field(description="Lowercase letters, digits and hyphens; 1-63 characters; unique."),
 ]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-SystemPrompt = Annotated[str, Field(max_length=20_000)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+                 SINGLE_LINE]
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+                      SINGLE_LINE]
+SystemPrompt = Annotated[str, Field(max_length=20_000), FREE_TEXT]
 Region = Annotated[str | None, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description=(
     "Data residency: only generation pools of this region serve the tenant"))]
 Limit = Annotated[int | None, Field(ge=0, le=10**9)]
