@@ -22,7 +22,7 @@ from rich.console import Console
 from app.api.factory import create_app
 from app.api.http_protocol import OneWriteHttpToolsProtocol
 from app.api.tracing import TracingUnavailableError
-from app.auth.keys import Scope
+from app.auth.keys import Grantor, Scope
 from app.db.engine import Database, make_engine
 from app.db.migrate import migrate
 from app.db.models import Tier
@@ -241,7 +241,7 @@ def keys_create(
 
     async def work(db: Database, settings: Settings) -> ApiKeyCreated:
         service = ApiKeyService(db, settings.auth.key_pepper.get_secret_value())
-        return await service.create(await _resolve_tenant(db, tenant), data, CLI)
+        return await service.create(await _resolve_tenant(db, tenant), data, Grantor(CLI, None))
 
     created = _run(work)
     typer.echo(f"key id: {created.id}\nkey:    {created.key}")
@@ -256,7 +256,7 @@ def keys_revoke(
 
     async def work(db: Database, settings: Settings) -> None:
         service = ApiKeyService(db, settings.auth.key_pepper.get_secret_value())
-        await service.revoke(await _resolve_tenant(db, tenant), key_id, CLI)
+        await service.revoke(await _resolve_tenant(db, tenant), key_id, Grantor(CLI, None))
 
     _run(work)
     typer.echo(f"revoked {key_id}")
