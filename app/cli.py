@@ -16,7 +16,7 @@ from typing import Annotated, TypeVar
 import httpx
 import typer
 import uvicorn
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 
 from app.api.factory import create_app
@@ -28,8 +28,8 @@ from app.db.migrate import migrate
 from app.db.models import Tier
 from app.devstack import (
     attach_to_running_stack,
-    ensure_admin_key,
     remove_stack_file,
+    with_folder_secrets,
     write_stack_file,
 )
 from app.domain.audit.records import CLI
@@ -126,8 +126,7 @@ def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
         endpoints = stack.start()
         settings.database.url = settings.database.url or endpoints.database_url
         settings.redis.url = settings.redis.url or endpoints.redis_url
-        if settings.auth.platform_admin_key is None:
-            settings.auth.platform_admin_key = SecretStr(ensure_admin_key(data_dir))
+        settings.auth = with_folder_secrets(settings.auth, data_dir)  # never public defaults
         asyncio.run(migrate(settings.database))
         pools = settings.dispatch.pools_file or settings.dispatch.pools
         if settings.llm.base_url is None and not pools and settings.llm.start_local:
