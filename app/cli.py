@@ -41,7 +41,7 @@ from app.embedded import EmbeddedStack
 from app.errors import DomainError
 from app.ingest_client import FolderIngester, print_summary
 from app.logs import configure_logging
-from app.settings import ServerSettings, Settings, load_settings
+from app.settings import DatabaseSettings, ServerSettings, Settings, load_settings
 
 T = TypeVar("T")
 cli = typer.Typer(help="Tenant-isolated RAG assistant backend.", no_args_is_help=True)
@@ -110,7 +110,12 @@ def worker(threads: int | None = None) -> None:
 @cli.command("migrate")
 def migrate_cmd() -> None:
     """Bring the database schema to the latest version (runs as the owner role)."""
-    asyncio.run(migrate(_settings().database))
+    if os.environ.get("DATABASE_URL"):  # the migration job holds the owner URL and no other secret
+        configure_logging(ServerSettings())
+        database = DatabaseSettings()
+    else:
+        database = _settings().database  # a running dev stack's
+    asyncio.run(migrate(database))
     typer.echo("database is at the latest schema")
 
 
