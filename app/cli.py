@@ -16,20 +16,20 @@ from typing import Annotated, TypeVar
 import httpx
 import typer
 import uvicorn
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 
 from app.api.factory import create_app
 from app.api.http_protocol import OneWriteHttpToolsProtocol
 from app.api.tracing import TracingUnavailableError
-from app.auth.keys import Scope
+from app.auth.keys import Grantor, Scope
 from app.db.engine import Database, make_engine
 from app.db.migrate import migrate
 from app.db.models import Tier
 from app.devstack import (
     attach_to_running_stack,
-    ensure_admin_key,
     remove_stack_file,
+    with_folder_secrets,
     write_stack_file,
 )
 from app.domain.audit.records import CLI
@@ -41,7 +41,7 @@ from app.embedded import EmbeddedStack
 from app.errors import DomainError
 from app.ingest_client import FolderIngester, print_summary
 from app.logs import configure_logging
-from app.settings import ServerSettings, Settings, load_settings
+from app.settings import DatabaseSettings, ServerSettings, Settings, load_settings
 
 T = TypeVar("T")
 cli = typer.Typer(help="Tenant-isolated RAG assistant backend.", no_args_is_help=True)
@@ -110,7 +110,12 @@ def worker(threads: int | None = None) -> None:
 @cli.command("migrate")
 def migrate_cmd() -> None:
     """Bring the database schema to the latest version (runs as the owner role)."""
-    asyncio.run(migrate(_settings().database))
+    if os.environ.get("DATABASE_URL"):  # the migration job holds the owner URL and no other secret
+        configure_logging(ServerSettings())
+        database = DatabaseSettings()
+    else:
+        database = _settings().database  # a running dev stack's
+    asyncio.run(migrate(database))
     typer.echo("database is at the latest schema")
 
 
@@ -126,8 +131,7 @@ def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
         endpoints = stack.start()
         settings.database.url = settings.database.url or endpoints.database_url
         settings.redis.url = settings.redis.url or endpoints.redis_url
-        if settings.auth.platform_admin_key is None:
-            settings.auth.platform_admin_key = SecretStr(ensure_admin_key(data_dir))
+        settings.auth = with_folder_secrets(settings.auth, data_dir)  # never public defaults
         asyncio.run(migrate(settings.database))
         pools = settings.dispatch.pools_file or settings.dispatch.pools
         if settings.llm.base_url is None and not pools and settings.llm.start_local:
@@ -241,7 +245,7 @@ def keys_create(
 
     async def work(db: Database, settings: Settings) -> ApiKeyCreated:
         service = ApiKeyService(db, settings.auth.key_pepper.get_secret_value())
-        return await service.create(await _resolve_tenant(db, tenant), data, CLI)
+        return await service.create(await _resolve_tenant(db, tenant), data, Grantor(CLI, None))
 
     created = _run(work)
     typer.echo(f"key id: {created.id}\nkey:    {created.key}")
@@ -256,7 +260,7 @@ def keys_revoke(
 
     async def work(db: Database, settings: Settings) -> None:
         service = ApiKeyService(db, settings.auth.key_pepper.get_secret_value())
-        await service.revoke(await _resolve_tenant(db, tenant), key_id, CLI)
+        await service.revoke(await _resolve_tenant(db, tenant), key_id, Grantor(CLI, None))
 
     _run(work)
     typer.echo(f"revoked {key_id}")

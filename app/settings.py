@@ -323,8 +323,8 @@ class Settings(BaseSettings):
         admin = self.auth.platform_admin_key
         if admin is None or len(admin.get_secret_value()) < 32:
             problems.append("AUTH_PLATFORM_ADMIN_KEY must be set (at least 32 characters)")
-        if not self.database.url:
-            problems.append("DATABASE_URL must be set")
+        if not (self.database.url or self.database.app_url):
+            problems.append("DATABASE_APP_URL (or DATABASE_URL) must be set")
         if not self.redis.url:
             problems.append("REDIS_URL must be set")
         if problems:

@@ -11,11 +11,18 @@ The children are forked, watched and reaped by a few long-lived helper processes
 the calling process: that one holds threads, sockets and models that a fork must not
 copy, and multiprocessing's own start methods would import the caller's main module
 (with it, the whole app: seconds and a gigabyte) into every child.
+
+The helpers get none of the caller's environment (its database URL, key pepper, store
+keys): only where our code is, a locale and a temp folder. Their children have no
+network where the kernel allows a namespace of their own (the first helper's report is
+logged once: a warning where it is refused). Requests and outcomes cross the pipes as
+msgpack decoded into fixed types, never as pickle (see `ingestion.parse_worker`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -23,7 +30,6 @@ import sys
 import threading
 from dataclasses import dataclass
 from multiprocessing import Pipe
-from typing import Any
 
 from ingestion.document import Format, ParsedDocument
 from ingestion.errors import CorruptDocumentError, IngestionError, UnsafeDocumentError
@@ -34,8 +40,15 @@ from ingestion.parse_worker import (
     PARSED,
     REFUSED,
     TIMED_OUT,
+    Outcome,
     ParseRequest,
+    Sandbox,
+    decode_outcome,
+    decode_sandbox,
+    encode,
 )
+
+log = logging.getLogger(__name__)
 
 # The helper kills a child at the deadline itself; we wait this much longer for it to
 # say so before we kill the helper too.
@@ -83,6 +96,7 @@ class IsolatedParser:
         self._lock = threading.Lock()
         self._idle: list[_Helper] = []
         self._closed = False
+        self._sandbox_logged = False
 
     def parse(self, data: bytes, fmt: Format) -> ParsedDocument:
         """Like `parse_document`, plus `UnsafeDocumentError` for a parse that took too long
@@ -92,17 +106,17 @@ class IsolatedParser:
         with self._slots:
             helper = self._take()
             try:
-                kind, value = helper.run(request, limits.timeout_s + _ANSWER_GRACE_S)
+                outcome = helper.run(request, limits.timeout_s + _ANSWER_GRACE_S)
             except BaseException:
                 helper.close()
                 raise
+            self._log_sandbox(helper.sandbox)
             self._give_back(helper)
-        if kind == PARSED:
-            document: ParsedDocument = value
-            return document
-        if kind == REFUSED:
-            raise value
-        raise self._failure(kind, value)
+        if outcome.kind == PARSED and outcome.document is not None:
+            return outcome.document
+        if outcome.kind == REFUSED:
+            raise outcome.error()
+        raise self._failure(outcome.kind, outcome.exitcode)
 
     def close(self) -> None:
         """End the helper processes (busy ones once their file is done)."""
@@ -128,6 +142,18 @@ class IsolatedParser:
                 return
         helper.close()
 
+    def _log_sandbox(self, sandbox: Sandbox | None) -> None:
+        """Say once per parser how its children are sandboxed."""
+        with self._lock:
+            if sandbox is None or self._sandbox_logged:
+                return
+            self._sandbox_logged = True
+        if sandbox.network_isolated:
+            log.info("document parsers have no network: %s", sandbox.detail)
+        else:
+            log.warning("document parsers are NOT cut off from the network: %s",
+                        sandbox.detail)
+
     def _failure(self, kind: str, exitcode: int | None) -> IngestionError:
         limits = self.process_limits
         if kind == TIMED_OUT or exitcode == -signal.SIGXCPU:
@@ -141,6 +167,16 @@ class IsolatedParser:
         return CorruptDocumentError(f"the parser stopped on this file (exit code {exitcode})")
 
 
+def helper_environment() -> dict[str, str]:
+    """A helper's whole environment: where our code is (our sys.path, so it imports the
+    same code as we do), a UTF-8 locale and the temp folder; none of our settings."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PATH": os.defpath,
+           "LC_ALL": "C.UTF-8", "PYTHONNOUSERSITE": "1"}
+    if "TMPDIR" in os.environ:
+        env["TMPDIR"] = os.environ["TMPDIR"]
+    return env
+
+
 class _Helper:
     """One `ingestion.parse_worker` process and the pipes to it."""
 
@@ -148,30 +184,36 @@ class _Helper:
         requests_in, self._requests = Pipe(duplex=False)
         self._results, results_out = Pipe(duplex=False)
         ends = (requests_in.fileno(), results_out.fileno())
-        # Our sys.path, so the helper imports the same code as we do.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self._process = subprocess.Popen(  # noqa: S603  (our own interpreter and code)
             [sys.executable, "-c", "from ingestion.parse_worker import main; main()",
              *map(str, ends)],
-            pass_fds=ends, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            pass_fds=ends, env=helper_environment(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: one kill ends it and its child
         )
         requests_in.close()
         results_out.close()
+        self.sandbox: Sandbox | None = None  # its first message, read with the first answer
 
-    def run(self, request: ParseRequest, timeout_s: float) -> tuple[str, Any]:
+    def run(self, request: ParseRequest, timeout_s: float) -> Outcome:
         """Send one file and wait for its outcome; a helper that does not answer within
         ``timeout_s`` is killed (with its child) and the parse reported as timed out."""
         try:
-            self._requests.send(request)
+            self._requests.send_bytes(encode(request))
+            if self.sandbox is None and self._results.poll(timeout_s):
+                self.sandbox = decode_sandbox(self._results.recv_bytes())
             if self._results.poll(timeout_s):
-                outcome: tuple[str, Any] = self._results.recv()
-                return outcome
+                outcome = decode_outcome(self._results.recv_bytes())
+                if outcome is not None:
+                    return outcome
+                self.close()  # it sent what we never send: no further file goes to it
+                return Outcome(REFUSED, refusal=CorruptDocumentError.__name__,
+                               message="the parser sent back an unreadable answer")
         except (EOFError, OSError):  # the helper itself died
             self.close()
-            return DIED, self._process.returncode
+            return Outcome(DIED, exitcode=self._process.returncode)
         self.close()
-        return TIMED_OUT, None
+        return Outcome(TIMED_OUT)
 
     def alive(self) -> bool:
         """Still running (and so able to take the next file)."""

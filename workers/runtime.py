@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import dramatiq
 
 from app.db.engine import Database, make_engine
+from app.db.role_check import refuse_privileged_role
 from app.domain.knowledge.pipeline import IngestPipeline, isolated_parser
 from app.domain.knowledge.sweeper import StuckDocumentSweeper
 from app.embeddings import Models, check_vector_size, load_models, parallel_embedding
@@ -107,6 +108,7 @@ class WorkerRuntime:
         pool = s.database.model_copy(update={"pool_size": max(s.database.pool_size, needed)})
         self.db = Database(make_engine(s.database.application_url(), pool))
         self._stack.push_async_callback(self.db.close)
+        await refuse_privileged_role(self.db.engine, "worker")
         if self._given_store is None:
             self.store = open_vector_store(vector_store_config(s))
             self._stack.push_async_callback(self.store.close)

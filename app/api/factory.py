@@ -29,6 +29,7 @@ from app.auth.authenticator import ApiKeyAuthenticator
 from app.auth.cache import CredentialCache, CredentialChangeListener, credential_owner
 from app.auth.embed import EmbedTokenSigner
 from app.db.engine import Database, make_engine
+from app.db.role_check import refuse_privileged_role
 from app.domain.audit.controllers import admin_audit, tenant_audit
 from app.domain.audit.service import AuditService
 from app.domain.chat.controllers import ConversationController, chat_completions
@@ -107,6 +108,7 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
         async with AsyncExitStack() as stack:
             db = Database(make_engine(settings.database.application_url(), settings.database))
             stack.push_async_callback(db.close)
+            await refuse_privileged_role(db.engine, "API")  # before serving any tenant
             redis = make_redis(settings)
             stack.push_async_callback(redis.aclose)
             scripts = RedisPipe(redis_url(settings), timeout_s=settings.redis.socket_timeout_s,

@@ -9,7 +9,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from app.auth.keys import Scope
+from app.auth.keys import Grantor, Scope
 from app.auth.principal import EmbedPrincipal, PlatformPrincipal, TenantPrincipal
 from app.db.models import Tenant
 from app.domain.audit.records import OPERATOR, key_actor
@@ -71,6 +71,12 @@ def actor_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     if isinstance(user, TenantPrincipal):
         return key_actor(user.key_id)
     raise AuthenticationError("an API key is required")
+
+
+def grantor_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Grantor:
+    """The caller as a key manager: a tenant key with its scopes, or the operator."""
+    user, actor = connection.user, actor_of(connection)  # actor_of refuses anyone else
+    return Grantor(actor, user.scopes if isinstance(user, TenantPrincipal) else None)
 
 
 def tenant_row(connection: ASGIConnection[Any, Any, Any, Any]) -> Tenant | None:

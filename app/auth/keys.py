@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import secrets
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 KEY_SCHEME = "trk"
@@ -27,6 +28,22 @@ class Scope(enum.StrEnum):
     chat = "chat"
     ingest = "ingest"
     admin = "admin"
+
+
+@dataclass(frozen=True)
+class Grantor:
+    """Who mints, rotates or revokes a key: the audit log's name for them and, for a
+    tenant key, the scopes it holds. A key hands out and manages no more than it holds;
+    the operator and the CLI stand above tenants, so their ``scopes`` is None."""
+
+    actor: str
+    scopes: frozenset[Scope] | None
+
+    def lacks(self, wanted: Iterable[str]) -> list[str]:
+        """The scopes in ``wanted`` this grantor does not hold, sorted (empty: allowed)."""
+        if self.scopes is None:
+            return []
+        return sorted({str(s) for s in wanted} - {s.value for s in self.scopes})
 
 
 @dataclass(frozen=True)

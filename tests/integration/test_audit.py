@@ -97,7 +97,7 @@ async def test_key_operations_are_recorded_without_secrets(
     client: Client, admin_headers: dict[str, str], settings: Settings
 ) -> None:
     t = await create_tenant(client, admin_headers)
-    admin = await create_key(client, admin_headers, t["id"], ["admin"])
+    admin = await create_key(client, admin_headers, t["id"], ["admin", "chat"])
     auth, me = bearer(admin["key"]), f"key:{admin['id']}"
     resp = await client.post("/v1/keys", json={"name": "widget", "scopes": ["chat"]},
                              headers={**auth, "X-Request-Id": "audit-mint-1"})
@@ -147,7 +147,7 @@ async def test_tenant_admin_changes_are_recorded_and_failures_are_not(
     client: Client, admin_headers: dict[str, str]
 ) -> None:
     t = await create_tenant(client, admin_headers)
-    admin = await create_key(client, admin_headers, t["id"], ["admin"])
+    admin = await create_key(client, admin_headers, t["id"], ["admin", "chat"])
     auth, me = bearer(admin["key"]), f"key:{admin['id']}"
     kbs = "/v1/knowledge-bases"
     kb = (await client.post(kbs, json={"name": "handbook"}, headers=auth)).json()
@@ -254,7 +254,7 @@ async def test_only_admin_keys_and_the_operator_read_the_log(
 async def test_filters_pages_and_csv(client: Client, admin_headers: dict[str, str]) -> None:
     t = await create_tenant(client, admin_headers)
     keys = [await create_key(client, admin_headers, t["id"], ["chat"]) for _ in range(3)]
-    admin = bearer((await create_key(client, admin_headers, t["id"], ["admin"]))["key"])
+    admin = bearer((await create_key(client, admin_headers, t["id"], ["admin", "chat"]))["key"])
     await client.delete(f"/v1/keys/{keys[0]['id']}", headers=admin)
     everything = await audit(client, admin)
     assert [e["action"] for e in everything] == ["key.revoked", *["key.created"] * 4,

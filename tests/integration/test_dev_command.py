@@ -8,6 +8,7 @@ minute; the restart starts its own local vLLM server, as a newcomer's ``make run
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,13 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
+
+from app.auth.embed import EmbedTokenSigner
+from app.settings import DEV_KEY_PEPPER
 
 CLI = [sys.executable, "-m", "app"]
 STARTUP_TIMEOUT_S = 300  # includes starting a local vLLM server (about a minute)
@@ -186,3 +192,38 @@ def test_dev_starts_serves_stops_and_restarts_on_same_data(
     assert again.interrupt() == 0
     time.sleep(1)
     assert processes_using(data_dir) == []
+
+
+def test_dev_stack_secrets_are_its_own_so_public_default_tokens_are_refused(
+    data_dir: Path,
+) -> None:
+    server = DevServer(data_dir, LLM_START_LOCAL="false")  # no generation needed here
+    admin = {"Authorization": f"Bearer {server.wait_ready()}"}
+    tenant = httpx.post(f"{server.base}/admin/tenants", headers=admin,
+                        json={"slug": "acme", "name": "Acme", "tier": "pro"}).json()
+    key = re.search(r"key:\s+(trk_\S+)", run_cli(data_dir, "keys", "create", "acme",
+                                                   "--scope", "chat", "--scope", "admin"))
+    assert key, "no key printed"  # minted by another process: it hashes with the same pepper
+    backend = {"Authorization": f"Bearer {key.group(1)}"}
+    key_id = httpx.get(f"{server.base}/admin/tenants/{tenant['id']}/keys",
+                       headers=admin).json()["data"][0]["id"]
+    kb = httpx.post(f"{server.base}/v1/knowledge-bases", headers=backend,
+                    json={"name": "help"}).json()["id"]
+    minted = httpx.post(f"{server.base}/v1/embed-tokens", headers=backend,
+                        json={"user": "ann", "knowledge_base_ids": [kb]})
+    assert minted.status_code == 201, minted.text
+    browser = {"Authorization": f"Bearer {minted.json()['token']}"}
+    assert httpx.get(f"{server.base}/v1/models", headers=browser).status_code == 200
+    # A token signed with the key the source code used to default to is a forgery now.
+    public = EmbedTokenSigner(hashlib.sha256(b"embed-tokens:" + DEV_KEY_PEPPER.encode()).digest())
+    forged, _ = public.mint(uuid.UUID(tenant["id"]), uuid.UUID(key_id), "ann",
+                            [uuid.UUID(kb)], timedelta(minutes=5))
+    resp = httpx.get(f"{server.base}/v1/models", headers={"Authorization": f"Bearer {forged}"})
+    assert resp.status_code == 401 and "signature" in resp.json()["detail"], resp.text
+    assert server.interrupt() == 0
+    # The restart reuses the folder's secrets: the key and the token still work.
+    again = DevServer(data_dir, LLM_START_LOCAL="false")
+    again.wait_ready()
+    assert httpx.get(f"{again.base}/v1/models", headers=backend).status_code == 200
+    assert httpx.get(f"{again.base}/v1/models", headers=browser).status_code == 200
+    assert again.interrupt() == 0

@@ -89,7 +89,8 @@ async def test_the_tenant_admin_guide_runs_top_to_bottom(
     client: Client, admin_headers: dict[str, str], base_url: str, tmp_path: Path,
 ) -> None:
     tenant = await create_tenant(client, admin_headers)
-    key = (await create_key(client, admin_headers, tenant["id"], ["admin"]))["key"]
+    key = (await create_key(client, admin_headers, tenant["id"],
+                            ["admin", "chat", "ingest"]))["key"]
     script = "set -euo pipefail\n" + _STRICT_CURL + code_blocks("tenant-admin.md", "sh")
     result = await run(["bash"], script, {"TENANTRAG_URL": base_url,
                                           "TENANTRAG_API_KEY": key}, tmp_path)

@@ -37,7 +37,7 @@ async def test_secret_is_shown_once_and_stored_only_hashed(
 
 async def test_tenant_admin_manages_own_keys(client: Client, admin_headers: dict[str, str]) -> None:
     t = await create_tenant(client, admin_headers)
-    admin = (await create_key(client, admin_headers, t["id"], ["admin"]))["key"]
+    admin = (await create_key(client, admin_headers, t["id"], ["admin", "chat"]))["key"]
     resp = await client.post("/v1/keys", headers=bearer(admin),
                              json={"name": "chat widget", "scopes": ["chat"]})
     assert resp.status_code == 201, resp.text
@@ -94,7 +94,7 @@ async def test_rotation_keeps_the_old_key_working_for_its_overlap_only(
     client: Client, admin_headers: dict[str, str]
 ) -> None:
     t = await create_tenant(client, admin_headers)
-    admin = bearer((await create_key(client, admin_headers, t["id"], ["admin"]))["key"])
+    admin = bearer((await create_key(client, admin_headers, t["id"], ["admin", "chat"]))["key"])
     old = (await client.post("/v1/keys", headers=admin,
                              json={"name": "backend", "scopes": ["chat"]})).json()
     assert (await client.get("/v1/models", headers=bearer(old["key"]))).status_code == 200

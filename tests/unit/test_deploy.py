@@ -198,11 +198,34 @@ def test_app_services_point_at_the_compose_backends(compose: dict[str, Any]) -> 
     env = services(compose)["api"]["environment"]
     assert env["QDRANT_URL"] == "http://qdrant:6333"
     assert env["REDIS_URL"] == "redis://redis:6379/0"
-    assert urlsplit(env["DATABASE_URL"]).hostname == "postgres"
+    assert urlsplit(env["DATABASE_APP_URL"]).hostname == "postgres"
     assert env["QDRANT_API_KEY"] == services(compose)["qdrant"]["environment"][
         "QDRANT__SERVICE__API_KEY"]
-    for name in APP_SERVICES:
-        assert services(compose)[name]["environment"] == env
+    assert services(compose)["worker"]["environment"] == env
+
+
+def test_only_the_migration_gets_the_owner_role(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    found = services(compose)
+    owner = urlsplit(found["migrate"]["environment"]["DATABASE_URL"])
+    assert owner.username == found["postgres"]["environment"]["POSTGRES_USER"]
+    assert owner.password == SECRETS["POSTGRES_PASSWORD"]
+    for name in ("api", "worker"):
+        env = found[name]["environment"]
+        assert "DATABASE_URL" not in env, f"{name} gets the owner's URL"
+        assert not any(SECRETS["POSTGRES_PASSWORD"] in value for value in env.values()), name
+        app = urlsplit(env["DATABASE_APP_URL"])
+        assert (app.username, app.password) == ("tenantrag_app",
+                                                SECRETS["DATABASE_APP_PASSWORD"])
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+        settings = Settings()  # production settings validate with the app URL alone
+        assert urlsplit(settings.database.application_url()).username == "tenantrag_app"
+    # The migration needs nothing but the owner's URL and the app role's password.
+    assert set(found["migrate"]["environment"]) == {"APP_ENV", "DATABASE_URL",
+                                                    "DATABASE_APP_PASSWORD"}
 
 
 def test_every_variable_compose_sets_is_one_the_app_reads(

@@ -3,11 +3,21 @@ memory limits, and the parser keeps serving other files meanwhile and afterwards
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import pickle
 import random
 import signal
+import socket
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -20,6 +30,7 @@ from ingestion import (
     ProcessLimits,
     UnsafeDocumentError,
     parse_document,
+    parse_worker,
 )
 from tests.files import make_blank_pdf, make_docx_bomb, make_pdf_bomb, make_spinning_pdf
 from tests.unit.test_ingestion_samples import SAMPLES
@@ -208,3 +219,105 @@ def test_limits_must_be_positive() -> None:
         ProcessLimits(timeout_s=0)
     with pytest.raises(ValueError, match="at least 1"):
         IsolatedParser(max_processes=0)
+
+
+# --- the sandbox: no settings, no network, no pickle ----------------------------------
+
+OUR_SECRETS = {"DATABASE_URL": "postgresql://owner:hunter2@db/app",
+               "AUTH_KEY_PEPPER": "pepper-" * 6, "QDRANT_API_KEY": "qdrant-secret",
+               "AUTH_EMBED_SIGNING_KEY": "embed-" * 6}
+
+
+def test_parsing_children_get_none_of_our_settings(
+    parser: IsolatedParser, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in OUR_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    with ThreadPoolExecutor(1) as pool:
+        parse = pool.submit(parser.parse, make_spinning_pdf(), "pdf")
+        child = parsing_child()
+        seen = {"child": child.environ(), "helper": child.parent().environ()}  # type: ignore[union-attr]
+        with pytest.raises(UnsafeDocumentError):
+            parse.result()
+    for who, env in seen.items():
+        assert set(env) <= {"PYTHONPATH", "PATH", "LC_ALL", "PYTHONNOUSERSITE", "TMPDIR"}, who
+        assert not any(v in value for v in OUR_SECRETS.values() for value in env.values())
+
+
+def test_parsing_children_cannot_reach_the_network(
+    parser: IsolatedParser, caplog: pytest.LogCaptureFixture,
+) -> None:
+    if subprocess.run(["unshare", "-n", "true"], check=False).returncode != 0:
+        pytest.skip("this kernel refuses network namespaces here (see the degraded test)")
+    listener = socket.create_server(("127.0.0.1", 0))  # something to reach on our side
+    port = listener.getsockname()[1]
+    probe = (f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2); "
+             "print('connected')")
+    with caplog.at_level(logging.INFO, "ingestion.isolated"), listener, \
+            ThreadPoolExecutor(2) as pool:
+        parse = pool.submit(parser.parse, make_spinning_pdf(), "pdf")
+        child = parsing_child()
+        ours, theirs = (os.readlink(f"/proc/{pid}/ns/net") for pid in ("self", child.pid))
+        assert ours != theirs
+        # A connection from the child's network namespace: loopback there is down.
+        inside = subprocess.run(["nsenter", f"--net=/proc/{child.pid}/ns/net", sys.executable,
+                                 "-c", probe], capture_output=True, text=True, check=False)
+        outside = subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                                 text=True, check=False)
+        assert outside.stdout.strip() == "connected"
+        assert inside.returncode != 0 and "Network is unreachable" in inside.stderr
+        list(pool.map(lambda _: parser.parse(SMALL, "text"), range(6)))
+        with pytest.raises(UnsafeDocumentError):
+            parse.result()
+    said = [r.getMessage() for r in caplog.records if "network" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("document parsers have no network")
+
+
+def test_where_the_kernel_refuses_a_namespace_parsing_goes_on_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    def refused(_: int) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(parse_worker, "_unshare", refused)
+    sandbox = parse_worker.cut_off_network()
+    assert not sandbox.network_isolated and "Operation not permitted" in sandbox.detail
+    isolated = IsolatedParser()
+    with caplog.at_level(logging.INFO, "ingestion.isolated"):
+        for _ in range(3):
+            isolated._log_sandbox(sandbox)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "NOT cut off from the network" in caplog.records[0].getMessage()
+
+
+class _Exploit:
+    """What a parser taken over by a hostile file could send: unpickling it runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_forged_pickle_on_the_result_pipe_is_refused_not_run(
+    parser: IsolatedParser, tmp_path: Path,
+) -> None:
+    marker = tmp_path / "pwned"
+    forged = pickle.dumps(_Exploit(marker))
+    with ThreadPoolExecutor(1) as pool:
+        parse = pool.submit(parser.parse, make_spinning_pdf(), "pdf")
+        helper = parsing_child().parent()
+        assert helper is not None
+        results_fd = helper.cmdline()[-1]  # the helper's end of the results pipe
+        # Write on that pipe as the helper would: a length-prefixed message.
+        pipe = os.open(f"/proc/{helper.pid}/fd/{results_fd}", os.O_WRONLY)
+        try:
+            os.write(pipe, struct.pack("!i", len(forged)) + forged)
+        finally:
+            os.close(pipe)
+        with pytest.raises(CorruptDocumentError, match="unreadable answer"):
+            parse.result(timeout=10)
+    assert not marker.exists()
+    assert not helper.is_running()  # a helper that sent that gets no further file
+    assert parser.parse(SMALL, "text").text.startswith("The LEMUR room")

@@ -219,6 +219,34 @@ def test_every_variable_the_app_pods_get_is_one_the_app_reads(example: list[Doc]
     assert config["APP_ENV"] == "prod" and config["QDRANT_URL"].startswith("http")
 
 
+def secrets_read_by(docs: list[Doc], workload: Doc) -> dict[str, str]:
+    """Every secret variable a workload's first container gets (envFrom and env)."""
+    found: dict[str, str] = {}
+    namespace = workload["metadata"].get("namespace")
+    for source in container(workload).get("envFrom", []):
+        if "secretRef" in source:
+            found |= find(docs, "Secret", source["secretRef"]["name"], namespace)["stringData"]
+    for env in container(workload).get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            found[env["name"]] = find(docs, "Secret", ref["name"], namespace)["stringData"][
+                ref["key"]]
+    return found
+
+
+def test_only_the_migration_gets_the_owner_role(example: list[Doc]) -> None:
+    migration = secrets_read_by(example, find(example, "Job", "tenantrag-migrate", "tenantrag"))
+    owner = urlsplit(migration["DATABASE_URL"]).password
+    assert owner and set(migration) == {"DATABASE_URL", "DATABASE_APP_PASSWORD"}
+    for name in ("tenantrag-api", "tenantrag-worker"):
+        got = secrets_read_by(example, find(example, "Deployment", name, "tenantrag"))
+        assert "DATABASE_URL" not in got and "DATABASE_APP_PASSWORD" not in got, name
+        assert not any(owner in value for value in got.values()), name
+        app = urlsplit(got["DATABASE_APP_URL"])
+        assert (app.username, app.password) == ("tenantrag_app",
+                                                migration["DATABASE_APP_PASSWORD"]), name
+
+
 def test_the_example_secrets_are_refused_by_the_app_in_production(example: list[Doc]) -> None:
     secret = find(example, "Secret", "tenantrag-secrets", "tenantrag")["stringData"]
     assert all("EXAMPLE" in value for value in secret.values())

@@ -60,3 +60,22 @@ def test_bad_values_are_refused_with_the_setting_named() -> None:
         IngestSettings(chunk_max_tokens=64, chunk_overlap_tokens=64)
     with pytest.raises(ValidationError):
         DatabaseSettings(app_role="robert'); DROP TABLE students;--")
+
+
+@pytest.mark.parametrize(("auth", "named"), [
+    (AuthSettings(key_pepper=SecretStr(DEV_KEY_PEPPER)), "AUTH_KEY_PEPPER"),
+    (AuthSettings(key_pepper=SecretStr("short-pepper")), "AUTH_KEY_PEPPER"),
+    (AuthSettings(key_pepper=SecretStr("p" * 40), embed_signing_key=SecretStr("s" * 31)),
+     "AUTH_EMBED_SIGNING_KEY"),
+    (AuthSettings(key_pepper=SecretStr("p" * 40), platform_admin_key=SecretStr("k" * 8)),
+     "AUTH_PLATFORM_ADMIN_KEY"),
+])
+def test_production_refuses_a_default_or_short_secret_by_name(
+    auth: AuthSettings, named: str,
+) -> None:
+    admin = auth.platform_admin_key or SecretStr("k" * 40)
+    with pytest.raises(ValidationError, match=named):
+        Settings(server=ServerSettings(env="prod"),
+                 database=DatabaseSettings(url="postgresql://owner:pw@db:5432/app"),
+                 redis=RedisSettings(url="redis://cache:6379/0"),
+                 auth=auth.model_copy(update={"platform_admin_key": admin}))

@@ -10,7 +10,7 @@ from litestar import Controller, Request, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
-from app.api.guards import actor_of, platform_only, requires_scope, tenant_of
+from app.api.guards import grantor_of, platform_only, requires_scope, tenant_of
 from app.auth.keys import Scope
 from app.domain.keys.schemas import (
     ApiKeyCreate,
@@ -39,7 +39,7 @@ class TenantKeysController(Controller):
         data: JSONBody[ApiKeyCreate],
         keys: NamedDependency[ApiKeyService],
     ) -> ApiKeyCreated:
-        return await keys.create(tenant_of(request), data, actor_of(request))
+        return await keys.create(tenant_of(request), data, grantor_of(request))
 
     @get("/", summary="List API keys")
     async def list_keys(
@@ -55,13 +55,13 @@ class TenantKeysController(Controller):
         keys: NamedDependency[ApiKeyService], data: JSONBody[ApiKeyRotate | None] = None,
     ) -> ApiKeyRotated:
         overlap = timedelta(seconds=(data or ApiKeyRotate()).overlap_s)
-        return await keys.rotate(tenant_of(request), key_id, overlap, actor_of(request))
+        return await keys.rotate(tenant_of(request), key_id, overlap, grantor_of(request))
 
     @delete("/{key_id:uuid}", status_code=200, summary="Revoke an API key")
     async def revoke(
         self, request: AnyRequest, key_id: FromPath[uuid.UUID], keys: NamedDependency[ApiKeyService]
     ) -> ApiKeyOut:
-        key = await keys.revoke(tenant_of(request), key_id, actor_of(request))
+        key = await keys.revoke(tenant_of(request), key_id, grantor_of(request))
         return ApiKeyOut.model_validate(key)
 
 
@@ -80,7 +80,7 @@ class PlatformKeysController(Controller):
         data: JSONBody[ApiKeyCreate],
         keys: NamedDependency[ApiKeyService],
     ) -> ApiKeyCreated:
-        return await keys.create(tenant_id, data, actor_of(request))
+        return await keys.create(tenant_id, data, grantor_of(request))
 
     @get("/", summary="List a tenant's API keys")
     async def list_keys(
@@ -95,7 +95,7 @@ class PlatformKeysController(Controller):
         keys: NamedDependency[ApiKeyService], data: JSONBody[ApiKeyRotate | None] = None,
     ) -> ApiKeyRotated:
         overlap = timedelta(seconds=(data or ApiKeyRotate()).overlap_s)
-        return await keys.rotate(tenant_id, key_id, overlap, actor_of(request))
+        return await keys.rotate(tenant_id, key_id, overlap, grantor_of(request))
 
     @delete("/{key_id:uuid}", status_code=200, summary="Revoke a tenant's API key")
     async def revoke(
@@ -105,4 +105,4 @@ class PlatformKeysController(Controller):
         key_id: FromPath[uuid.UUID],
         keys: NamedDependency[ApiKeyService],
     ) -> ApiKeyOut:
-        return ApiKeyOut.model_validate(await keys.revoke(tenant_id, key_id, actor_of(request)))
+        return ApiKeyOut.model_validate(await keys.revoke(tenant_id, key_id, grantor_of(request)))
