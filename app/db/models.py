@@ -84,6 +84,8 @@ class Tenant(SQLModel, table=True):
     user_max_concurrency: int | None = None
     max_documents: int | None = None
     max_storage_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # Tokens embedded by ingestion per calendar month (UTC); None = the tier's default.
+    monthly_embedding_tokens: int | None = Field(default=None, sa_type=sa.BigInteger)
     # Browsers: origins allowed to call the API with the tenant's embed tokens.
     cors_origins: list[str] = Field(default_factory=list, sa_column=sa.Column(
         pg.ARRAY(sa.Text), nullable=False, server_default="{}"))
