@@ -70,37 +70,37 @@ class OutboxRelay:
         self.tenant_inflight = tenant_inflight
 
     async def relay_once(self) -> int:
-        """Send one batch of each kind; returns how many messages were sent."""
-        return await self._relay_maintenance() + await self._release_ingest()
+        """Send one batch of each kind, in one transaction; returns how many were sent."""
+        async with self.db.platform() as session:
+            return (await self._relay_maintenance(session)
+                    + await self._release_ingest(session))
 
-    async def _relay_maintenance(self) -> int:
+    async def _relay_maintenance(self, session: AsyncSession) -> int:
         """Every message but ingestion, in id order (deletes are cheap: never held)."""
         query = (select(OutboxMessage).where(col(OutboxMessage.actor) != INGEST_DOCUMENT)
                  .order_by(col(OutboxMessage.id))
                  .limit(self.batch).with_for_update(skip_locked=True))
-        async with self.db.platform() as session:
-            rows = (await session.exec(query)).all()
-            await self._send_and_delete(session, rows)
+        rows = (await session.exec(query)).all()
+        await self._send_and_delete(session, rows)
         return len(rows)
 
-    async def _release_ingest(self) -> int:
+    async def _release_ingest(self, session: AsyncSession) -> int:
         """Ingest messages of tenants under their in-flight cap, round-robin."""
-        async with self.db.platform() as session:
-            conn = await session.connection()
-            if not await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"),
-                                     {"k": RELEASE_LOCK_KEY}):
-                return 0  # another relay is releasing right now
-            ids = (await conn.execute(_RELEASABLE, {"cap": self.tenant_inflight,
-                                                    "batch": self.batch})).scalars().all()
-            if not ids:
-                return 0
-            found = (await session.exec(select(OutboxMessage)
-                                        .where(col(OutboxMessage.id).in_(ids)))).all()
-            turn = {message_id: i for i, message_id in enumerate(ids)}
-            rows = sorted(found, key=lambda r: turn[r.id])  # round-robin order to the broker
-            await conn.execute(_MARK_SENT, {
-                "ids": [uuid.UUID(r.args["document_id"]) for r in rows]})
-            await self._send_and_delete(session, rows)
+        conn = await session.connection()
+        if not await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"),
+                                 {"k": RELEASE_LOCK_KEY}):
+            return 0  # another relay is releasing right now
+        ids = (await conn.execute(_RELEASABLE, {"cap": self.tenant_inflight,
+                                                "batch": self.batch})).scalars().all()
+        if not ids:
+            return 0
+        found = (await session.exec(select(OutboxMessage)
+                                    .where(col(OutboxMessage.id).in_(ids)))).all()
+        turn = {message_id: i for i, message_id in enumerate(ids)}
+        rows = sorted(found, key=lambda r: turn[r.id])  # round-robin order to the broker
+        await conn.execute(_MARK_SENT, {
+            "ids": [uuid.UUID(r.args["document_id"]) for r in rows]})
+        await self._send_and_delete(session, rows)
         return len(rows)
 
     async def _send_and_delete(self, session: AsyncSession,

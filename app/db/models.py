@@ -205,6 +205,7 @@ class Document(SQLModel, table=True):
     attempts: int = 0
     created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
     updated_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    # Uploaded, or last sent to the workers (the relay holds some back: fair share).
     queued_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
     processing_started_at: datetime | None = Field(default=None, sa_column=_timestamp(True))
     ready_at: datetime | None = Field(default=None, sa_column=_timestamp(True))

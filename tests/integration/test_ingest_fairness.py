@@ -14,13 +14,14 @@ import asyncio
 import time
 from typing import Any
 
+import asyncpg
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.settings import Settings
 from tests.files import make_zip_directory
 from tests.integration.test_ingestion import Tenant, new_tenant, upload, wait_done
-from tests.support import owner_rows
+from tests.support import owner_rows, plain_dsn
 
 Client = AsyncTestClient[Litestar]
 QUEUED = 200  # tenant A's backlog
@@ -123,11 +124,24 @@ async def test_embedding_quota_fails_queued_documents_then_refuses_uploads(
     assert (await upload(t, client, [("late.md", handbook("late", 0, 4))])).status_code == 202
 
 
-async def test_tier_default_embedding_quota_is_shown_as_null(
-    client: Client, admin_headers: dict[str, str]
+async def test_the_tier_default_embedding_quota_applies_until_overridden(
+    client: Client, admin_headers: dict[str, str], settings: Settings
 ) -> None:
     t = await new_tenant(client, admin_headers, tier="free")
-    assert t.info["monthly_embedding_tokens"] is None  # the tier's default applies
+    assert t.info["monthly_embedding_tokens"] is None  # the tier's default: 5M for free
+    conn = await asyncpg.connect(plain_dsn(settings.database.owner_url()))
+    try:  # a month's ingestion already metered, up to the free tier's quota
+        await conn.execute(
+            "INSERT INTO usage_events (tenant_id, request_id, kind, model, prompt_tokens, "
+            "latency_ms, status, created_at) VALUES ($1, 'ingest:earlier', 'embedding', "
+            "'m', 5000000, 0, 'ok', now())", t.id)
+    finally:
+        await conn.close()
+    resp = await upload(t, client, [("more.md", handbook("more", 0, 2))])
+    assert resp.status_code == 429, resp.text
+    assert resp.json()["limit"] == 5_000_000 and resp.json()["used"] == 5_000_000
+    await set_quota(client, admin_headers, t, 6_000_000)  # the operator's override wins
+    assert (await upload(t, client, [("more.md", handbook("more", 0, 2))])).status_code == 202
 
 
 async def test_a_zip_with_too_many_directory_entries_is_refused_at_upload(
