@@ -122,6 +122,13 @@ async def test_embedding_quota_fails_queued_documents_then_refuses_uploads(
 
     await set_quota(client, admin_headers, t, used + 10 * one_doc)  # raised: accepted again
     assert (await upload(t, client, [("late.md", handbook("late", 0, 4))])).status_code == 202
+    # A document refused by the quota is retried when its bytes are uploaded again.
+    name = failed[0]["filename"]
+    resp = await upload(t, client, [(name, handbook("probe", int(name[1:-3]), 4))])
+    assert resp.status_code == 202, resp.text
+    again = resp.json()["data"][0]
+    assert again["id"] == failed[0]["id"] and not again["duplicate"]
+    assert (await wait_done(client, t, again["id"]))["status"] == "ready"
 
 
 async def test_the_tier_default_embedding_quota_applies_until_overridden(

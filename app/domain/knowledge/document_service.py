@@ -130,7 +130,8 @@ class DocumentService:
         f: CheckedFile, external_id: str | None, metadata: dict[str, Any] | None,
     ) -> UploadOutcome:
         existing = await _find_existing(session, kb_id, f.sha256, external_id)
-        if existing is not None and existing.sha256 == f.sha256:
+        if (existing is not None and existing.sha256 == f.sha256
+                and not embedding_quota.failed_for_quota(existing)):
             return UploadOutcome(existing, duplicate=True)
         doc = existing or Document(tenant_id=tenant_id, kb_id=kb_id, external_id=external_id,
                                    filename=f.filename, format=f.format, size_bytes=0,

@@ -20,13 +20,16 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from app.db.models import Tenant, UsageEvent, utcnow
+from app.db.models import Document, DocumentStatus, Tenant, UsageEvent, utcnow
 from app.domain.tenants.limits import QuotaField, effective_limit
 from app.errors import MonthlyQuotaExceededError
 from app.quotas.limiter import period_of
 from app.quotas.usage import EMBEDDING
 
 QUOTA: QuotaField = "monthly_embedding_tokens"
+# How a document refused by the quota starts its error: uploading its bytes again
+# retries it (a file that failed for any other reason stays a duplicate).
+NOT_EMBEDDED = f"not embedded: quota {QUOTA} exceeded"
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,14 @@ async def refuse_if_used_up(session: AsyncSession, tenant: Tenant) -> None:
     refusal = current.refusal() if current is not None else None
     if refusal is not None:
         raise refusal
+
+
+def not_embedded(refusal: MonthlyQuotaExceededError) -> str:
+    """The ``error`` of a document refused by the quota (starts with NOT_EMBEDDED)."""
+    return f"not embedded: {refusal.detail}"
+
+
+def failed_for_quota(document: Document) -> bool:
+    """True if the document's newest version was refused by this quota (not broken)."""
+    return (document.status == DocumentStatus.failed
+            and (document.error or "").startswith(NOT_EMBEDDED))

@@ -196,7 +196,7 @@ class IngestPipeline:
             used = await embedding_quota.tokens_used(session, tenant_id, now)
         allowance = embedding_quota.EmbeddingAllowance(claimed.embedding_limit, used, now)
         refusal = allowance.refusal(adding=tokens)
-        return None if refusal is None else f"not embedded: {refusal.detail}"
+        return None if refusal is None else embedding_quota.not_embedded(refusal)
 
     async def _progress(self, tenant_id: uuid.UUID, doc: Document, **columns: int) -> None:
         """Show admins how far processing is (chunks found, chunks embedded so far)."""
