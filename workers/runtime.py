@@ -93,7 +93,8 @@ class WorkerRuntime:
 
     def wake_relay(self) -> None:
         """A document finished: run the relay now rather than at its next tick."""
-        self._loop.call_soon_threadsafe(self._relay_wake.set)
+        with contextlib.suppress(RuntimeError):  # the loop already closed (shutting down)
+            self._loop.call_soon_threadsafe(self._relay_wake.set)
 
     def stop(self) -> None:
         """Stop background loops, close clients we opened, stop the loop."""
