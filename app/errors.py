@@ -101,6 +101,11 @@ class QuotaExceededError(PermissionDeniedError):
     title = "Quota exceeded"
 
 
+class MonthlyQuotaExceededError(QuotaExceededError):
+    """A monthly quota (embedding tokens) is used up until the next calendar month
+    (HTTP 429: ``resets_at`` and ``Retry-After`` say when)."""
+
+
 class BadRequestError(DomainError):
     """The request asks for something this API does not do (HTTP 400)."""
 

@@ -166,6 +166,11 @@ class IngestSettings(BaseSettings):
     stale_version_grace_s: float = Field(default=30.0, ge=0)
     sweep_interval_s: float = Field(default=30.0, gt=0)
     relay_interval_s: float = Field(default=0.2, gt=0)
+    # Fair share: documents of one tenant sent to the broker and not yet done, across
+    # all workers; the rest wait in the outbox and are released round-robin across
+    # tenants. Unset: twice WORKER_THREADS of the relaying process (what one worker
+    # holds and prefetches anyway, so a lone tenant loses no throughput).
+    tenant_inflight: int | None = Field(default=None, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> IngestSettings:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import zipfile
@@ -14,6 +13,8 @@ import filetype  # type: ignore[import-untyped]
 from ingestion.document import Format
 from ingestion.encoding import decode_declared, decode_guessed
 from ingestion.errors import EmptyDocumentError, UnsupportedFormatError
+from ingestion.limits import DEFAULT_LIMITS
+from ingestion.zipdir import open_bounded
 
 _Hint = Literal["docx", "html", "markdown", "text"]
 
@@ -50,6 +51,12 @@ _KNOWN_UNSUPPORTED = (
     (b"{\\rtf", "an RTF document"),
 )
 _SNIFF_CHARS = 16_384
+# JSON is recognised from a prefix this long (see _is_json); "\uXXXX" cut at the end of
+# the prefix errs up to this many characters before it.
+_JSON_SNIFF_CHARS = 65_536
+_JSON_TAIL_SLACK = 8
+_JSON_CLOSE = {"{": "}", "[": "]"}
+_NON_SPACE = re.compile(r"\S")
 # Detection runs in the upload request: an encoding is guessed from this much of a file
 # that is not UTF-8 (a guess over the whole of a 50 MB file takes seconds).
 _GUESS_BYTES = 256 * 1024
@@ -78,8 +85,10 @@ def detect_format(
 ) -> Format:
     """Detect the format of ``data`` from its content; name and type only break ties.
 
-    Raises `EmptyDocumentError` for 0 bytes and `UnsupportedFormatError` (naming what
-    was found) for anything that is not PDF, DOCX, HTML, Markdown or text. A damaged
+    Raises `EmptyDocumentError` for 0 bytes, `UnsafeDocumentError` for a ZIP whose
+    directory holds more entries than ``DEFAULT_LIMITS.max_zip_entries``, and
+    `UnsupportedFormatError` (naming what was found) for anything that is not PDF, DOCX,
+    HTML, Markdown or text. A damaged
     ZIP is reported as "docx" only when the name or type says DOCX, so that parsing
     fails it as corrupt.
     """
@@ -119,7 +128,8 @@ def _hint(filename: str | None, declared_type: str | None) -> _Hint | None:
 
 def _zip_format(data: bytes, hint: _Hint | None) -> Format:
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        # Bounded before zipfile lists the directory (UnsafeDocumentError above it).
+        with open_bounded(data, DEFAULT_LIMITS.max_zip_entries) as archive:
             names = set(archive.namelist())
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         if hint == "docx":
@@ -155,11 +165,34 @@ def _text_format(text: str, hint: _Hint | None) -> Format:
 
 
 def _is_json(text: str) -> bool:
-    stripped = text.strip()
-    if not stripped.startswith(("{", "[")):
+    """JSON, judged from its first ``_JSON_SNIFF_CHARS`` characters: a whole document
+    is decoded only when it is that short (a 50 MB array would cost seconds and a
+    gigabyte of objects); a longer one must match at both ends and decode, as far as
+    the prefix goes, without an error before the prefix runs out."""
+    first = _NON_SPACE.search(text)
+    if first is None or not text.startswith(("{", "["), first.start()):
         return False
+    start = first.start()
+    if len(text) - start > _JSON_SNIFF_CHARS:
+        tail = text[-_JSON_SNIFF_CHARS:].rstrip()
+        if not tail or tail[-1] != _JSON_CLOSE[text[start]]:
+            return False
+        return _valid_json_prefix(text[start:start + _JSON_SNIFF_CHARS])
     try:
-        json.loads(stripped)
+        json.loads(text)
     except (ValueError, RecursionError):  # "[[[[...": nested deeper than json decodes
         return False
     return True
+
+
+def _valid_json_prefix(prefix: str) -> bool:
+    """True if ``prefix`` could start a JSON document: decoding it fails only because it
+    ends (an unterminated string, or an error within its last few characters)."""
+    try:
+        json.loads(prefix)
+    except json.JSONDecodeError as exc:
+        return (exc.msg.startswith("Unterminated string")
+                or exc.pos >= len(prefix) - _JSON_TAIL_SLACK)
+    except RecursionError:
+        return False
+    return False  # a complete document in the prefix, followed by more text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
 import zipfile
 import zlib
 
@@ -123,3 +124,24 @@ def make_blank_pdf(pages: int) -> bytes:
     buffer = io.BytesIO()
     writer.write(buffer)
     return buffer.getvalue()
+
+
+def make_zip_directory(records: int, claimed: int | None = None) -> bytes:
+    """A ZIP whose central directory holds ``records`` one-letter entries and whose end
+    record claims ``claimed`` entries (ZIP64 above 65,535). No entry has any data: only
+    the directory matters to whoever lists it. About 47 bytes per record."""
+    record = struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, 0, 0, 0, 0,
+                         0, 0, 0, 1, 0, 0, 0, 0, 0, 0) + b"a"
+    prefix = b"PK\x03\x04" + bytes(26)  # a local header's signature: sniffed as a ZIP
+    directory = record * records
+    claimed = records if claimed is None else claimed
+    cd_offset, cd_size = len(prefix), len(directory)
+    tail = b""
+    if claimed > 0xFFFF:
+        zip64_at = cd_offset + cd_size
+        tail = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, claimed, claimed,
+                           cd_size, cd_offset)
+        tail += struct.pack("<4sLQL", b"PK\x06\x07", 0, zip64_at, 1)
+        claimed, cd_size, cd_offset = 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, claimed, claimed, cd_size, cd_offset, 0)
+    return prefix + directory + tail + end

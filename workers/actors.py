@@ -36,6 +36,8 @@ def ingest_document(tenant_id: str, document_id: str, version: int) -> None:
     except Exception as exc:
         _note(tenant, document, version, f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        rt.wake_relay()  # a slot of this tenant's fair share may be free now
 
 
 def _note(tenant: uuid.UUID, document: uuid.UUID, version: int, reason: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -65,6 +66,8 @@ class WorkerRuntime:
                                         daemon=True)
         self._stack = AsyncExitStack()
         self._background: list[concurrent.futures.Future[None]] = []
+        # Set when a document finishes here: its tenant's next one is released at once.
+        self._relay_wake = asyncio.Event()
         self.db: Database
         self.store: VectorStore
         self.pipeline: IngestPipeline
@@ -78,7 +81,8 @@ class WorkerRuntime:
         self.call(self._open(models))
         self._background = [
             asyncio.run_coroutine_threadsafe(self._every(
-                self.settings.ingest.relay_interval_s, self._relay.relay_once), self._loop),
+                self.settings.ingest.relay_interval_s, self._relay.relay_once,
+                self._relay_wake), self._loop),
             asyncio.run_coroutine_threadsafe(self._every(
                 self.settings.ingest.sweep_interval_s, self._sweeper.sweep), self._loop),
         ]
@@ -87,6 +91,11 @@ class WorkerRuntime:
     def call(self, work: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the runtime's loop from an actor thread; wait for it."""
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
+
+    def wake_relay(self) -> None:
+        """A document finished: run the relay now rather than at its next tick."""
+        with contextlib.suppress(RuntimeError):  # the loop already closed (shutting down)
+            self._loop.call_soon_threadsafe(self._relay_wake.set)
 
     def stop(self) -> None:
         """Stop background loops, close clients we opened, stop the loop."""
@@ -126,12 +135,14 @@ class WorkerRuntime:
         self._relay = OutboxRelay(self.db, self.broker, {
             INGEST_DOCUMENT: {"time_limit": s.ingest.message_time_limit_s * 1000},
             DELETE_STALE_VERSIONS: {"delay": int(s.ingest.stale_version_grace_s * 1000)},
-        })
+        }, tenant_inflight=s.ingest.tenant_inflight or 2 * s.worker.threads)
         self._sweeper = StuckDocumentSweeper(self.db, s.ingest)
 
     @staticmethod
-    async def _every(interval: float, work: Callable[[], Awaitable[int]]) -> None:
-        """Run ``work`` forever; back off after errors (e.g. PostgreSQL restarting)."""
+    async def _every(interval: float, work: Callable[[], Awaitable[int]],
+                     wake: asyncio.Event | None = None) -> None:
+        """Run ``work`` forever (sooner when ``wake`` is set); back off after errors
+        (e.g. PostgreSQL restarting)."""
         while True:
             delay = interval
             try:
@@ -142,4 +153,16 @@ class WorkerRuntime:
             except Exception:
                 log.exception("background loop %s failed; retrying", work.__qualname__)
                 delay = max(interval, 2.0)
-            await asyncio.sleep(delay)
+                await asyncio.sleep(delay)  # a back-off is not cut short by wake-ups
+                continue
+            await _pause(delay, wake)
+
+
+async def _pause(delay: float, wake: asyncio.Event | None) -> None:
+    """Sleep ``delay`` seconds, or until ``wake`` is set (then clear it)."""
+    if wake is None or delay == 0:
+        await asyncio.sleep(delay)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), delay)
+    wake.clear()

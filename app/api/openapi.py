@@ -29,7 +29,7 @@ DESCRIPTIONS = {
     413: "Body or file over the size limit",
     415: "Not a supported document format",
     422: "A valid request the rules refuse",
-    429: "Rate, concurrency or budget limit, or queue timeout (`Retry-After`)",
+    429: "Rate, concurrency or budget limit, monthly quota, or queue timeout (`Retry-After`)",
     502: "The generation server failed",
     503: "A backing service is down, or no generation capacity (`Retry-After`)",
     504: "The generation server did not answer in time",

@@ -23,6 +23,7 @@ from app.errors import (
     ConflictError,
     DomainError,
     InvalidInputError,
+    MonthlyQuotaExceededError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -52,6 +53,7 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     UpstreamTimeoutError: 504,
     QueueTimeoutError: 429,
     RateLimitedError: 429,
+    MonthlyQuotaExceededError: 429,
 }
 
 

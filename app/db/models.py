@@ -84,6 +84,8 @@ class Tenant(SQLModel, table=True):
     user_max_concurrency: int | None = None
     max_documents: int | None = None
     max_storage_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # Tokens embedded by ingestion per calendar month (UTC); None = the tier's default.
+    monthly_embedding_tokens: int | None = Field(default=None, sa_type=sa.BigInteger)
     # Browsers: origins allowed to call the API with the tenant's embed tokens.
     cors_origins: list[str] = Field(default_factory=list, sa_column=sa.Column(
         pg.ARRAY(sa.Text), nullable=False, server_default="{}"))
@@ -203,6 +205,7 @@ class Document(SQLModel, table=True):
     attempts: int = 0
     created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
     updated_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    # Uploaded, or last sent to the workers (the relay holds some back: fair share).
     queued_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
     processing_started_at: datetime | None = Field(default=None, sa_column=_timestamp(True))
     ready_at: datetime | None = Field(default=None, sa_column=_timestamp(True))

@@ -15,6 +15,7 @@ from docx.text.paragraph import Paragraph
 from ingestion.document import HeadingTrail, ParsedDocument, SectionBuilder
 from ingestion.errors import CorruptDocumentError, UnsafeDocumentError, corrupt_on_error
 from ingestion.limits import ParseLimits
+from ingestion.zipdir import open_bounded
 
 _HEADING_STYLE = re.compile(r"heading\s*([1-9])", re.IGNORECASE)
 # Small entries compress extremely well without being dangerous (a file of spaces);
@@ -37,10 +38,11 @@ def check_zip(data: bytes, limits: ParseLimits) -> None:
     """Refuse zip bombs using only the ZIP directory: nothing is inflated here.
 
     zipfile stops inflating an entry at its declared size, so the declared sizes
-    checked here bound what python-docx can later read.
+    checked here bound what python-docx can later read. The entry count is bounded
+    from the directory's own records before zipfile lists them.
     """
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with open_bounded(data, limits.max_zip_entries, "DOCX") as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise CorruptDocumentError("DOCX is not a readable ZIP archive") from exc

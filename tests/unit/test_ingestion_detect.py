@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import time
+import tracemalloc
+import zipfile
+from collections.abc import Callable
 
 import pytest
 
-from ingestion import EmptyDocumentError, UnsupportedFormatError, detect_format
+from ingestion import EmptyDocumentError, UnsafeDocumentError, UnsupportedFormatError, detect_format
+from ingestion.zipdir import entry_count
+from tests.files import make_zip_directory
 from tests.unit.test_ingestion_samples import HTML, MARKDOWN, SAMPLES, TEXT, make_zip
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x06"
@@ -118,3 +124,54 @@ def test_a_large_file_that_is_not_utf8_is_judged_from_a_sample() -> None:
         detect_format(binary)
     assert detect_format(legacy) == "text"
     assert time.perf_counter() - started < 2  # a guess over all of it took 6 s
+
+
+def measured(work: Callable[[], object]) -> tuple[object, int]:
+    """What ``work`` returned or raised, and the most memory Python allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        try:
+            outcome = work()
+        except Exception as exc:  # the caller asserts on it
+            outcome = exc
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(("records", "claimed"), [(1000, 10_000_000), (100_000, 1)],
+                         ids=["claims-ten-million", "claims-one-holds-100k"])
+def test_a_zip_directory_over_the_entry_bound_is_refused_before_it_is_listed(
+    records: int, claimed: int
+) -> None:
+    data = make_zip_directory(records, claimed)
+    refusal, peak = measured(lambda: detect_format(data, "many.docx"))
+    assert isinstance(refusal, UnsafeDocumentError), refusal
+    assert f"{max(records, claimed):,} entries" in str(refusal)
+    assert "the limit is 10,000" in str(refusal)
+    # zipfile listing 100k records allocated ~35 MB (a ZipInfo each) and took seconds.
+    assert peak < 2**20
+    assert entry_count(data) == max(records, claimed)
+
+
+def test_a_real_docx_counts_its_own_entries() -> None:
+    docx_bytes, _ = SAMPLES["docx"]
+    assert entry_count(docx_bytes) == len(zipfile.ZipFile(io.BytesIO(docx_bytes)).namelist())
+    assert entry_count(b"PK\x03\x04 not really a zip") is None
+
+
+def test_json_is_sniffed_from_a_prefix_not_decoded_whole() -> None:
+    data = ("[" + ",".join(f'{{"n": {i}, "see": "[docs](https://x.y)"}}'
+                           for i in range(200_000)) + "]").encode()
+    detected, peak = measured(lambda: detect_format(data, "dump.bin"))
+    assert detected == "text"  # JSON, despite its markdown links
+    # Decoding all of it built 200k dicts, ten times the file; now the text alone.
+    assert peak < 2 * len(data)
+
+
+@pytest.mark.parametrize("data", [
+    b'[{"a": "[x](y)"}, {"a": 2} oops, ' + b'{"a": 3}, ' * 20_000 + b"]",
+    b'{"k": "[x](y)"} trailing text ' + b"# Heading [x](y) " * 10_000 + b"}",
+], ids=["broken-early", "json-then-prose"])  # fmt: skip
+def test_long_text_that_only_looks_like_json_is_judged_by_its_prefix(data: bytes) -> None:
+    assert detect_format(data) == "markdown"

@@ -81,7 +81,7 @@ class KnowledgeBaseController(Controller):
     @post("/{kb_id:uuid}/documents", guards=[DOCS], summary="Upload documents",
           status_code=202, responses={
               200: ResponseSpec(UploadResult, description="Every file was already there"),
-              **problems(413, 415, 422)},
+              **problems(413, 415, 422, 429)},
           description="multipart/form-data with one or more `file` parts and optional "
           "`metadata` (JSON object) and `external_id`; or application/json "
           '`{"text", "filename", "external_id", "metadata"}`; or a raw text/* body with '

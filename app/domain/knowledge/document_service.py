@@ -19,7 +19,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from app.db.engine import Database
 from app.db.models import Document, DocumentContent, DocumentStatus, Tenant, utcnow
 from app.domain.audit.records import AuditAction, record_audit
-from app.domain.knowledge import unsettled
+from app.domain.knowledge import embedding_quota, unsettled
 from app.domain.knowledge.kb_service import get_kb
 from app.domain.tenants.limits import effective_limit
 from app.errors import (
@@ -31,7 +31,12 @@ from app.errors import (
 )
 from app.outbox import DELETE_DOCUMENT_POINTS, INGEST_DOCUMENT, enqueue
 from app.settings import IngestSettings
-from ingestion import EmptyDocumentError, UnsupportedFormatError, detect_format
+from ingestion import (
+    EmptyDocumentError,
+    UnsafeDocumentError,
+    UnsupportedFormatError,
+    detect_format,
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class DocumentService:
             )
         try:
             fmt = detect_format(f.data, f.filename, f.declared_type)
-        except EmptyDocumentError as exc:
+        except (EmptyDocumentError, UnsafeDocumentError) as exc:
             raise InvalidInputError(f"{f.filename!r}: {exc}", filename=f.filename) from exc
         except UnsupportedFormatError as exc:
             raise UnsupportedMediaError(
@@ -125,7 +130,8 @@ class DocumentService:
         f: CheckedFile, external_id: str | None, metadata: dict[str, Any] | None,
     ) -> UploadOutcome:
         existing = await _find_existing(session, kb_id, f.sha256, external_id)
-        if existing is not None and existing.sha256 == f.sha256:
+        if (existing is not None and existing.sha256 == f.sha256
+                and not embedding_quota.failed_for_quota(existing)):
             return UploadOutcome(existing, duplicate=True)
         doc = existing or Document(tenant_id=tenant_id, kb_id=kb_id, external_id=external_id,
                                    filename=f.filename, format=f.format, size_bytes=0,
@@ -203,8 +209,9 @@ async def _find_existing(
 
 
 async def _check_quotas(session: AsyncSession, tenant: Tenant, files: list[CheckedFile]) -> None:
-    """Refuse the whole upload if it could push the tenant past a document or storage quota
-    (the tenant row is locked, so concurrent uploads are counted one after another)."""
+    """Refuse the whole upload if it could push the tenant past a document or storage quota,
+    or if its monthly embedding tokens are used up (the tenant row is locked, so
+    concurrent uploads are counted one after another)."""
     docs, used = (await session.exec(
         select(func.count(), func.coalesce(func.sum(Document.size_bytes), 0))
         .select_from(Document)
@@ -219,3 +226,4 @@ async def _check_quotas(session: AsyncSession, tenant: Tenant, files: list[Check
                 f"> limit {limit}",
                 quota=quota, limit=limit, used=current,
             )
+    await embedding_quota.refuse_if_used_up(session, tenant)

@@ -21,8 +21,9 @@ from sqlmodel import col, delete, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
-from app.db.models import Document, DocumentContent, DocumentStatus, UsageEvent, utcnow
-from app.domain.knowledge import unsettled
+from app.db.models import Document, DocumentContent, DocumentStatus, Tenant, UsageEvent, utcnow
+from app.domain.knowledge import embedding_quota, unsettled
+from app.domain.tenants.limits import effective_limit
 from app.embeddings import Models
 from app.outbox import DELETE_STALE_VERSIONS, enqueue
 from app.quotas.costs import ModelPrice, token_cost
@@ -69,6 +70,7 @@ class Claimed:
 
     document: Document
     data: bytes
+    embedding_limit: int | None = None  # the tenant's monthly embedding tokens, if capped
 
 
 class IngestPipeline:
@@ -129,6 +131,10 @@ class IngestPipeline:
         except IngestionError as exc:
             await self.fail(tenant_id, document_id, version, f"{type(exc).__name__}: {exc}")
             return
+        refusal = await self._over_quota(claimed, chunks)
+        if refusal is not None:
+            await self.fail(tenant_id, document_id, version, refusal)
+            return
         await self._progress(tenant_id, doc, chunk_count=len(chunks), chunks_embedded=0)
         for start in range(0, len(chunks), UPSERT_BATCH):
             # Batches bound memory on big documents; a crash leaves a prefix of points
@@ -175,7 +181,22 @@ class IngestPipeline:
             session.add(doc)
             # Before any point of this version is written, search hides it.
             await unsettled.mark(session, tenant_id, document_id, unsettled.DOCUMENT, doc.kb_id)
-            return Claimed(document=doc, data=content.data)
+            tenant = await session.get(Tenant, tenant_id)
+            limit = effective_limit(tenant, embedding_quota.QUOTA) if tenant else None
+            return Claimed(document=doc, data=content.data, embedding_limit=limit)
+
+    async def _over_quota(self, claimed: Claimed, chunks: list[Chunk]) -> str | None:
+        """Why embedding these chunks would pass the tenant's monthly quota (None: it
+        fits, or there is none). Checked before any embedding work is spent."""
+        if claimed.embedding_limit is None:
+            return None
+        tokens = sum(c.token_count for c in chunks)
+        tenant_id, now = claimed.document.tenant_id, utcnow()
+        async with self.db.tenant(tenant_id) as session:
+            used = await embedding_quota.tokens_used(session, tenant_id, now)
+        allowance = embedding_quota.EmbeddingAllowance(claimed.embedding_limit, used, now)
+        refusal = allowance.refusal(adding=tokens)
+        return None if refusal is None else embedding_quota.not_embedded(refusal)
 
     async def _progress(self, tenant_id: uuid.UUID, doc: Document, **columns: int) -> None:
         """Show admins how far processing is (chunks found, chunks embedded so far)."""

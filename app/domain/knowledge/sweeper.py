@@ -4,6 +4,8 @@ A document is stuck if it has waited longer than the configured time, no message
 in the outbox for it, and no live worker holds its lease (the broker lost the message, or
 the worker processing it died: its lease died with its database connection). Re-sending
 is always safe: the pipeline's lease and version checks make a duplicate a no-op.
+A document the relay holds back for its tenant's fair share still has its outbox
+message, so it is waiting, not stuck; the relay restarts ``queued_at`` when it sends it.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ class TenantQuotas(BaseModel):
     user_max_concurrency: Limit = None
     max_documents: Limit = None
     max_storage_bytes: BigLimit = None
+    monthly_embedding_tokens: BigLimit = None
 
 
 class TenantCreate(TenantQuotas):
