@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from litestar import Request
+from litestar.exceptions import ClientException
 from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
 from pydantic import TypeAdapter, ValidationError
 
@@ -136,7 +137,10 @@ def _json_text(body: bytes) -> Upload:
 
 
 def _parse_metadata(raw: str) -> dict[str, Any]:
-    value = decode_json(raw, "'metadata'")  # deep nesting, lone surrogates: a 400
+    try:  # the decoder of JSON bodies: deep nesting and lone surrogates are refused too
+        value = decode_json(raw, "'metadata'")
+    except ClientException as exc:
+        raise InvalidInputError(str(exc.detail)) from exc
     return dict(_check(_metadata, value, "metadata"))
 
 

@@ -18,13 +18,17 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
 
 from app.api.factory import create_app
+from app.db.engine import Database, make_engine
+from app.domain.knowledge.kb_service import KnowledgeBaseService
 from app.embeddings import Models
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
@@ -116,8 +120,9 @@ def multipart(fields: list[tuple[str, bytes, str | None]]) -> Attack:
     """A multipart/form-data body of text fields (name, bytes, part content type) and
     one file."""
     boundary = "hostile" + uuid.uuid4().hex
+    text = f"The OTTER room, {boundary}.".encode()  # not a duplicate: stored anew
     parts = [b"--" + boundary.encode() + b'\r\nContent-Disposition: form-data; name="file"; '
-             b'filename="a.txt"\r\nContent-Type: text/plain\r\n\r\nThe OTTER room.\r\n']
+             b'filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n' + text + b"\r\n"]
     for name, value, ctype in fields:
         head = f'Content-Disposition: form-data; name="{name}"\r\n'
         if ctype:
@@ -368,12 +373,13 @@ async def test_multipart_fields_that_are_not_text_are_a_400_naming_the_field(
         problem = _refusal(resp)
         assert problem["errors"] == [{"key": field[0], "message": why, "source": "body"}], problem
         assert f"multipart field '{field[0]}'" in problem["detail"]
-    for metadata, why in ((b'{"k": "\\ud800"}', "surrogate"), (b"[" * 100_000, "too deeply")):
+    for metadata, why in ((b'{"k": "\\ud800"}', "JSON"), (b"[" * 100_000, "too deeply")):
         attack = multipart([("metadata", metadata, None)])
         resp = await hostile_client.post(url, content=attack.body, headers={
             **actors.tenant, "Content-Type": str(attack.content_type)})
-        problem = _refusal(resp)
-        assert problem["detail"].startswith("'metadata' is not valid JSON"), problem
+        problem = _refusal(resp, 422)
+        assert problem["detail"].startswith("'metadata' is not valid JSON") and why in \
+            problem["detail"], problem
     # text in a charset that is one: read as sent, nothing lost
     attack = multipart([("external_id", "café-1".encode("latin-1"), "text/plain; charset=latin-1"),
                         ("metadata", '{"owner": "zoë"}'.encode(), None)])
@@ -408,3 +414,45 @@ async def test_date_times_out_of_range_are_a_400_naming_the_parameter(
     resp = await hostile_client.get("/v1/usage", headers=actors.tenant,
                                     params={"to": "0001-01-05T00:00:00Z"})
     assert resp.status_code == 200 and resp.json()["start"] == "0001-01-01T00:00:00Z", resp.text
+
+
+# Statements whose values PostgreSQL or its driver refuses: the driver cannot send an
+# integer past int64 or a time past year 9999 in UTC; the server has no int4 that large.
+REFUSED = {
+    "driver, integer": (text("SELECT CAST(:v AS bigint)"), {"v": 2**70}),
+    "driver, date-time": (text("SELECT CAST(:v AS timestamptz)"), {"v": datetime(
+        9999, 12, 31, 12, tzinfo=timezone(timedelta(hours=-14)))}),
+    "server, integer": (text("SELECT CAST(:v AS text)::int4"), {"v": "99999999999"}),
+}
+
+
+async def test_values_the_database_refuses_are_a_400_and_an_unreachable_one_a_503(
+    hostile_client: Client, actors: Actors, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A listing that sends the database what it refuses (a gap in validation: logged)
+    is the client's 400, never "database unavailable"; a database that cannot be reached
+    still is (503, retry)."""
+    statement: list[Any] = []
+
+    async def listing(self: KnowledgeBaseService, tenant_id: uuid.UUID) -> list[Any]:
+        async with self.db.tenant(tenant_id) as session:
+            await session.execute(*statement)
+        return []
+
+    monkeypatch.setattr(KnowledgeBaseService, "list", listing)
+    for name, sent in REFUSED.items():
+        statement[:] = sent
+        problem = _refusal(await hostile_client.get("/v1/knowledge-bases", headers=actors.tenant))
+        assert problem["code"] == "invalid_request", (name, problem)
+        assert problem["detail"].startswith("the request holds a value the database cannot "
+                                            "store"), (name, problem)
+    nowhere = Database(make_engine("postgresql+asyncpg://app@127.0.0.1:1/none", settings.database))
+    monkeypatch.setattr(KnowledgeBaseService, "__init__",
+                        lambda self, db: setattr(self, "db", nowhere))
+    try:
+        statement[:] = (text("SELECT 1"),)
+        problem = _refusal(await hostile_client.get("/v1/knowledge-bases", headers=actors.tenant),
+                           503)
+        assert problem["code"] == "service_unavailable", problem
+    finally:
+        await nowhere.close()
