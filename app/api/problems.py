@@ -125,12 +125,13 @@ def _misfiled(request: Request[Any, Any, Any], exc: HTTPException) -> HTTPExcept
 def _as_sent(request: Request[Any, Any, Any], errors: Any) -> Any:
     """Litestar keys a parameter's error by the handler's argument (``start``); the
     client sent it by its name (``from``)."""
-    if not isinstance(errors, list):
+    handler = request.scope.get("route_handler")
+    if not isinstance(errors, list) or handler is None:
         return errors
     named = []
     for error in errors:
         if isinstance(error, dict) and error.get("source") in ("query", "header", "cookie"):
-            field = request.route_handler.parsed_fn_signature.parameters.get(str(error.get("key")))
+            field = handler.parsed_fn_signature.parameters.get(str(error.get("key")))
             alias = getattr(getattr(field, "kwarg_definition", None), "name", None)
             error = {**error, "key": alias} if alias else error
         named.append(error)

@@ -37,6 +37,7 @@ from tests.support import bearer, create_key, create_tenant
 Client = AsyncTestClient[Litestar]
 MAX_BODY = 256 * 1024
 HOSTILE = "HOSTILE-TEXT"  # stands for each class's bytes in a generated body
+HUGE_INT = 10**30  # past int64 (and past any field's maximum)
 ALL_SCOPES = ["admin", "chat", "ingest"]
 # Routes that publish no JSON schema for their body (the upload reads it itself).
 UNDOCUMENTED_BODIES: dict[tuple[str, str], dict[str, Any]] = {
@@ -44,6 +45,9 @@ UNDOCUMENTED_BODIES: dict[tuple[str, str], dict[str, Any]] = {
         "text": HOSTILE, "filename": f"{HOSTILE}.txt", "external_id": HOSTILE,
         "metadata": {HOSTILE: HOSTILE}},
 }
+# Fields whose value must be real for a request to go further (the model served).
+FIELD_SAMPLES = {"model": "smollm2", "role": "user"}
+OMITTED = {"conversation_id"}  # (another end user's conversation: a 404 before the rest)
 # Sample values for patterned strings (a pattern no sample matches fails the run).
 PATTERN_SAMPLES = ("a" + uuid.uuid4().hex[:10], "json", "key.revoked")
 
@@ -74,6 +78,7 @@ class Attack:
     query: str = ""
     body: bytes | None = None
     content_type: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def _kind(schema: dict[str, Any]) -> str:
@@ -86,23 +91,27 @@ def _kind(schema: dict[str, Any]) -> str:
     return "other"
 
 
-def example(schema: dict[str, Any], components: dict[str, Any], ids: dict[str, str]) -> Any:
-    """A valid-looking instance of ``schema``, every free text being ``HOSTILE``."""
+def example(schema: dict[str, Any], components: dict[str, Any], ids: dict[str, str],
+            huge: bool = False) -> Any:
+    """A valid-looking instance of ``schema``, every free text being ``HOSTILE`` (and
+    with ``huge``, every number that has no maximum past int64)."""
     if "$ref" in schema:
-        return example(components[schema["$ref"].rsplit("/", 1)[1]], components, ids)
+        return example(components[schema["$ref"].rsplit("/", 1)[1]], components, ids, huge)
     options = [o for o in schema.get("oneOf", schema.get("anyOf", [])) if o.get("type") != "null"]
     if options:
-        return example({**schema, **options[0], "oneOf": []}, components, ids)
+        return example({**schema, **options[0], "oneOf": []}, components, ids, huge)
     if "const" in schema:
         return schema["const"]
     if "enum" in schema:
         return schema["enum"][0]
     kind = schema.get("type")
     if kind == "object":
-        return {name: example(sub, components, ids)
-                for name, sub in schema.get("properties", {}).items()}
+        return {name: FIELD_SAMPLES.get(name) or example(sub, components, ids, huge)
+                for name, sub in schema.get("properties", {}).items() if name not in OMITTED}
     if kind == "array":
-        return [example(schema.get("items", {}), components, ids)]
+        return [example(schema.get("items", {}), components, ids, huge)]
+    if kind in ("integer", "number") and huge and "maximum" not in schema:
+        return HUGE_INT if kind == "integer" else 1e308
     if kind == "integer":
         return min(int(schema.get("minimum", 1)), int(schema.get("maximum", 2**31)))
     if kind == "number":
@@ -144,7 +153,15 @@ def dates(route: Route, values: tuple[str, ...]) -> str:
                                                  strict=False))
 
 
-Payload = Callable[[Route, bytes], Attack | None]
+@dataclass(frozen=True)
+class Bodies:
+    """A route's generated JSON bodies: ``HOSTILE`` in every free text; huge numbers."""
+
+    text: bytes
+    huge: bytes
+
+
+Payload = Callable[[Route, Bodies], Attack | None]
 HUGE = "9" * 400
 # Out of range once in UTC (year 0, year 10000); each a day within its pair's.
 EARLY = ("0001-01-01T00:00:00%2B14:00", "0001-01-02T00:00:00%2B14:00")
@@ -155,12 +172,18 @@ PAYLOADS: dict[str, Payload] = {
     "deep object nesting": lambda r, b: Attack(body=b'{"a":' * 50_000,
                                                content_type="application/json")
     if r.has_body else None,
-    "invalid UTF-8": lambda r, b: with_text(b, b"\xff\xfe\xc3(") if r.has_body else None,
-    "lone surrogate": lambda r, b: with_text(b, b"\\ud800") if r.has_body else None,
-    "lone low surrogate": lambda r, b: with_text(b, b"x\\udfff") if r.has_body else None,
-    "control characters": lambda r, b: with_text(b, b"\\u0000\\u0007\\u001b[2J\\u007f")
+    "invalid UTF-8": lambda r, b: with_text(b.text, b"\xff\xfe\xc3(") if r.has_body else None,
+    "lone surrogate": lambda r, b: with_text(b.text, b"\\ud800") if r.has_body else None,
+    "lone low surrogate": lambda r, b: with_text(b.text, b"x\\udfff") if r.has_body else None,
+    "control characters": lambda r, b: with_text(b.text, b"\\u0000\\u0007\\u001b[2J\\u007f")
     if r.has_body else None,
-    "raw control characters": lambda r, b: with_text(b, b"\x01\x1b") if r.has_body else None,
+    "raw control characters": lambda r, b: with_text(b.text, b"\x01\x1b") if r.has_body else None,
+    "huge numbers": lambda r, b: Attack(body=b.huge, content_type="application/json")
+    if r.has_body else None,
+    "a JSON array for an object": lambda r, b: Attack(body=b"[]", content_type="application/json")
+    if r.has_body else None,
+    "JSON null": lambda r, b: Attack(body=b"null", content_type="application/json")
+    if r.has_body else None,
     "oversize": lambda r, b: Attack(body=b'{"a":"' + b"x" * MAX_BODY + b'"}',
                                     content_type="application/json") if r.has_body else None,
     "wrong content type": lambda r, b: Attack(body=b"<a>&#0;</a>", content_type="application/xml")
@@ -189,11 +212,16 @@ PAYLOADS: dict[str, Payload] = {
         f"{p}=-{HUGE}" for p in r.query_params("integer"))),
     "query text not UTF-8": lambda r, b: Attack(query="&".join(
         f"{p}=%FF%ED%A0%80%00%1B" for p in r.query_params("string", "date-time"))),
+    "repeated parameters": lambda r, b: Attack(query="&".join(
+        f"{p}=1&{p}=2" for p in r.query_params("integer", "string", "date-time"))),
+    "hostile headers": lambda r, b: Attack(query="hostile=1", headers=(
+        (b"origin", b"https://\xff\x7f.example"), (b"x-request-id", b"\xff" * 300),
+        (b"accept", b"*/*;q=NaN"), (b"content-length", b"-1"))) if not r.has_body else None,
 }
 
 
-def _attack(make: Payload, route: Route, body: bytes) -> Attack | None:
-    attack = make(route, body)
+def _attack(make: Payload, route: Route, bodies: Bodies) -> Attack | None:
+    attack = make(route, bodies)
     if attack is not None and attack.body is None and not attack.query:
         return None
     return attack
@@ -228,6 +256,13 @@ class Actors:
     tenant: dict[str, str]
     operator: dict[str, str]
     ids: dict[str, str]
+    spare_ids: dict[str, str]  # what DELETE routes may delete (the others keep theirs)
+    victim_key_id: str  # the second tenant's
+
+    def ids_for(self, route: Route) -> dict[str, str]:
+        """Path parameters for ``route``: ids that exist and belong together."""
+        ids = self.spare_ids if route.method == "DELETE" else self.ids
+        return {**ids, "key_id": self.victim_key_id} if route.path.startswith("/admin") else ids
 
     def headers_for(self, path: str) -> dict[str, str]:
         return self.operator if path.startswith("/admin") else self.tenant
@@ -235,22 +270,32 @@ class Actors:
 
 @pytest.fixture(scope="module")
 async def actors(hostile_client: Client, admin_headers: dict[str, str]) -> Actors:
-    """A tenant with a key of every scope, a knowledge base, a document and a
-    conversation; a second tenant and keys that the destructive routes may act on."""
+    """A tenant with a key of every scope, and twice a knowledge base, a document and a
+    conversation (one set for DELETE routes); a second tenant and a key that the routes
+    which suspend, rotate or revoke may act on."""
     http = hostile_client
     tenant = await create_tenant(http, admin_headers)
     headers = bearer((await create_key(http, admin_headers, tenant["id"], ALL_SCOPES))["key"])
     spare_key = await create_key(http, admin_headers, tenant["id"], ["chat"])
     victim = await create_tenant(http, admin_headers)
-    kb = await _created(http.post("/v1/knowledge-bases", headers=headers, json={"name": "kb"}))
+    victim_key = await create_key(http, admin_headers, victim["id"], ["chat"])
+    ids, spare = [{"tenant_id": victim["id"], "key_id": spare_key["id"],
+                   **await _knowledge(http, headers)} for _ in range(2)]
+    return Actors(headers, admin_headers, ids, spare, victim_key["id"])
+
+
+async def _knowledge(http: Client, headers: dict[str, str]) -> dict[str, str]:
+    """A knowledge base, a document in it and a conversation: their ids."""
+    kb = await _created(http.post("/v1/knowledge-bases", headers=headers,
+                                  json={"name": f"kb {uuid.uuid4().hex}"}))
     doc = (await _created(http.post(f"/v1/knowledge-bases/{kb['id']}/documents", headers=headers,
-                                    json={"text": "The OTTER room.", "filename": "o.txt"})))
+                                    json={"text": f"The OTTER room {kb['id']}.",
+                                          "filename": "o.txt"})))
     chat = await _created(http.post("/v1/chat/completions", headers=headers, json={
         "model": "smollm2", "retrieval": {"enabled": False},
         "messages": [{"role": "user", "content": "where is the otter room?"}]}))
-    ids = {"tenant_id": victim["id"], "key_id": spare_key["id"], "kb_id": kb["id"],
-           "doc_id": doc["data"][0]["id"], "conversation_id": chat["conversation_id"]}
-    return Actors(headers, admin_headers, ids)
+    return {"kb_id": kb["id"], "doc_id": doc["data"][0]["id"],
+            "conversation_id": chat["conversation_id"]}
 
 
 async def _created(sent: Any) -> dict[str, Any]:
@@ -275,13 +320,16 @@ def routes(app: Litestar) -> list[Route]:
     return found
 
 
-def generated_body(route: Route, components: dict[str, Any], ids: dict[str, str]) -> bytes:
-    """The route's JSON body, valid-looking, with ``HOSTILE`` in its free texts."""
+def generated_bodies(route: Route, components: dict[str, Any], ids: dict[str, str]) -> Bodies:
+    """The route's JSON body, valid-looking, with ``HOSTILE`` in its free texts; and
+    with huge numbers."""
     if (route.method, route.path) in UNDOCUMENTED_BODIES:
-        return json.dumps(UNDOCUMENTED_BODIES[route.method, route.path]).encode()
+        body = json.dumps(UNDOCUMENTED_BODIES[route.method, route.path]).encode()
+        return Bodies(body, body)
     content = route.operation.get("requestBody", {}).get("content", {})
     schema = content.get("application/json", {}).get("schema", {"type": "object"})
-    return json.dumps(example(schema, components, ids)).encode()
+    return Bodies(json.dumps(example(schema, components, ids)).encode(),
+                  json.dumps(example(schema, components, ids, huge=True)).encode())
 
 
 async def test_no_route_answers_hostile_input_with_a_5xx(
@@ -293,15 +341,18 @@ async def test_no_route_answers_hostile_input_with_a_5xx(
     failures, not_problems, sent = [], [], 0
     attacked: set[tuple[str, str]] = set()
     for route in routes(app):
-        body = generated_body(route, components, actors.ids)
-        url = route.path.format(**actors.ids)
+        ids = actors.ids_for(route)
+        bodies = generated_bodies(route, components, ids)
+        url = route.path.format(**ids)
         for name, make in PAYLOADS.items():
-            attack = _attack(make, route, body)
+            attack = _attack(make, route, bodies)
             if attack is None:
                 continue
-            headers = dict(actors.headers_for(route.path))
+            headers = {k.lower().encode(): v.encode()
+                       for k, v in actors.headers_for(route.path).items()}
+            headers.update(attack.headers)
             if attack.content_type:
-                headers["Content-Type"] = attack.content_type
+                headers[b"content-type"] = attack.content_type.encode()
             resp = await http.request(route.method, f"{url}?{attack.query}" if attack.query
                                       else url, content=attack.body, headers=headers)
             sent += 1
