@@ -1,14 +1,17 @@
 """Hostile input against every route, generated from the app's route table: each route
 gets one request per payload class that applies to it (deeply nested JSON, invalid
-UTF-8, escaped lone surrogates, control characters, oversize bodies, wrong content
-types, multipart fields that are not text, out-of-range date-times and huge integers in
-its query parameters), with a credential of the right scope. No answer may be a 5xx,
-every refusal is problem+json, and afterwards the server is still healthy.
+UTF-8, escaped lone surrogates, control characters, huge numbers, wrong JSON types,
+oversize bodies, wrong content types, multipart fields that are not text, out-of-range
+date-times, huge integers, repeated and non-UTF-8 values in its query parameters,
+hostile headers), with a credential of the right scope and path ids that exist. Bodies
+are generated from the route's schema, valid but for the payload, so they reach past
+validation where they can. No answer may be a 5xx, every refusal is problem+json, and
+afterwards the server is still healthy.
 
 Beside the schema fuzz (``test_api_schema.py``), which generates requests the schema
 describes; these are the ones a parser chokes on. The app is an instance of its own,
 with a small body limit (so "oversize" is cheap) and generation pointed at the fake vLLM
-server; the payloads are invalid, so no chat request reaches it but the last, healthy one.
+server (the few chat requests that are valid cost nothing).
 """
 
 from __future__ import annotations
