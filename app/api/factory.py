@@ -20,11 +20,13 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from app.api.auth import PUBLIC_PATHS, ApiKeyMiddleware
+from app.api.bodies import ApiRequest
 from app.api.cors import AllowedOrigins, CorsMiddleware
 from app.api.fast_chat import ChatEndpoint, is_chat_request
 from app.api.openapi import document_problems
 from app.api.problems import EXCEPTION_HANDLERS
 from app.api.request_context import request_middleware
+from app.api.timestamps import UtcDateTimeSchema, decode_utc, is_utc_datetime
 from app.auth.authenticator import ApiKeyAuthenticator
 from app.auth.cache import CredentialCache, CredentialChangeListener, credential_owner
 from app.auth.embed import EmbedTokenSigner
@@ -335,6 +337,9 @@ def create_app(
         lifespan=[_lifespan(settings, extra_lifespans, models)],
         openapi_config=openapi,
         request_max_body_size=settings.server.max_request_bytes,
+        request_class=ApiRequest,  # JSON bodies decoded in one place (app/api/bodies.py)
+        type_decoders=[(is_utc_datetime, decode_utc)],  # date-time query parameters
+        plugins=[UtcDateTimeSchema()],
         state=State({"settings": settings}),
         debug=False,
         logging_config=None,  # the process's logging is app/logs.py's (JSON lines, ids)

@@ -11,8 +11,8 @@ one route itself, with the same pieces the Litestar route uses and in the same o
    which Litestar still answers);
 3. the API key or embed token (:func:`app.api.auth.authenticate_bearer`) and the chat
    guard (:func:`app.api.guards.chat_or_embed`);
-4. the body: the size limit, JSON, and the same validation as Litestar's, with the same
-   error shape;
+4. the body: the size limit, JSON (:func:`app.api.bodies.decode_json`, as Litestar's
+   routes), and the same validation as Litestar's, with the same error shape;
 5. :func:`app.domain.chat.controllers.answer_chat`, which the Litestar route calls too;
 6. errors through the same exception handlers (problem+json).
 
@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from litestar import Request, Response
 from litestar.exceptions import ClientException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
@@ -44,6 +43,7 @@ from litestar.types import (
 from pydantic import ValidationError
 
 from app.api.auth import authenticate_bearer
+from app.api.bodies import decode_json
 from app.api.cors import allowed_origins_of, cors_headers, error_origin_var, readable
 from app.api.guards import chat_or_embed
 from app.api.problems import EXCEPTION_HANDLERS, validation_failed
@@ -151,10 +151,7 @@ class ChatEndpoint:
         if not body.strip():
             raise ClientException("the request body is empty: send a JSON chat completion "
                                   "request")
-        try:  # as Litestar does: msgspec's parser, then the model's validation
-            raw = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise ClientException(str(exc)) from exc
+        raw = decode_json(body)  # as Litestar routes do, then the model's validation
         try:
             return ChatCompletionRequest.model_validate(raw)
         except ValidationError as exc:

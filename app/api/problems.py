@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from asyncpg.exceptions._base import DataError as ArgumentDataError
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -123,12 +124,28 @@ def _misfiled(request: Request[Any, Any, Any], exc: HTTPException) -> HTTPExcept
     return exc
 
 
+def _as_sent(request: Request[Any, Any, Any], errors: Any) -> Any:
+    """Litestar keys a parameter's error by the handler's argument (``start``); the
+    client sent it by its name (``from``)."""
+    handler = request.scope.get("route_handler")
+    if not isinstance(errors, list) or handler is None:
+        return errors
+    named = []
+    for error in errors:
+        if isinstance(error, dict) and error.get("source") in ("query", "header", "cookie"):
+            field = handler.parsed_fn_signature.parameters.get(str(error.get("key")))
+            alias = getattr(getattr(field, "kwarg_definition", None), "name", None)
+            error = {**error, "key": alias} if alias else error
+        named.append(error)
+    return named
+
+
 def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     """Litestar's own errors (validation, 404 route, 405...) in the same shape."""
     exc = _misfiled(request, exc)
     extra: dict[str, Any] = {}
     if isinstance(exc, ValidationException) and exc.extra:
-        extra["errors"] = exc.extra
+        extra["errors"] = _as_sent(request, exc.extra)
     code = "invalid_request" if exc.status_code < 500 else "server_error"
     title = "Invalid request" if exc.status_code == 400 else exc.__class__.__name__
     return problem(exc.status_code, title, str(exc.detail), code, **extra)
@@ -149,6 +166,10 @@ _GONE = (ConnectionError, TimeoutError, PoolTimeoutError, asyncpg.InterfaceError
 _GONE_STATES = ("08", "57P01", "57P02", "57P03")
 # PostgreSQL stores no NUL (U+0000) in text or JSON: the client's input, not our failure.
 _NUL_STATES = ("22021", "22P05")
+# A value the database refuses (SQLSTATE class 22, "data exception": out of range, too
+# long, invalid text) or the driver cannot send (asyncpg's DataError, an InterfaceError:
+# an integer past int64, a date past year 9999, a lone surrogate): the client's input.
+_DATA_STATE_CLASS = "22"
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -174,14 +195,35 @@ def _unreachable(exc: BaseException) -> bool:
     return False
 
 
+def _refused_value(exc: BaseException) -> BaseException | None:
+    """The driver's or server's error when ``exc`` is about a value sent, not the link."""
+    for e in _causes(exc):
+        if isinstance(e, ArgumentDataError) or str(getattr(e, "sqlstate", "") or "") \
+                .startswith(_DATA_STATE_CLASS):
+            return e
+    return None
+
+
+def _data_error(request: Request[Any, Any, Any], refused: BaseException) -> Response[Any]:
+    """A 400 for a value the database refused; logged, as validation should have caught it."""
+    log.warning("value refused by the database on %s %s: %s: %s", request.method,
+                request.url.path, type(refused).__name__, str(refused)[:300])
+    detail = "the request holds a value the database cannot store"
+    if isinstance(refused, asyncpg.PostgresError):  # its message names the type, not data
+        detail += f": {str(refused)[:200]}"
+    return problem(400, "Invalid request", detail, "invalid_request")
+
+
 def backing_service_error_handler(request: Request[Any, Any, Any],
                                   exc: Exception) -> Response[Any]:
     """PostgreSQL unreachable (restarting, partitioned): a 503 the client can retry,
-    not a 500; text it cannot store: a 400. Anything else the driver raises is
-    unexpected."""
+    not a 500; text or values it cannot store: a 400. Anything else the driver raises
+    is unexpected."""
     if _sqlstates(exc) & set(_NUL_STATES):
         return problem(400, "Invalid request", "text must not contain NUL (\\u0000) characters",
                        "invalid_request")
+    if (refused := _refused_value(exc)) is not None:
+        return _data_error(request, refused)
     if not _unreachable(exc):
         return unexpected_error_handler(request, exc)
     log.warning("database unavailable on %s %s: %s: %s", request.method, request.url.path,

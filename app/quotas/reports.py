@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from app.api.csv_export import csv_response
 from app.api.guards import platform_only, requires_scope, tenant_of
 from app.api.openapi import also_answering
+from app.api.timestamps import UtcDateTime
 from app.auth.keys import Scope
 from app.db.engine import Database
 from app.db.models import Tenant, UsageEvent
@@ -26,6 +27,8 @@ from app.errors import BadRequestError
 
 AnyRequest = Request[Any, Any, Any]
 MAX_SPAN = timedelta(days=366)
+DEFAULT_SPAN = timedelta(days=30)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 class GroupBy(enum.StrEnum):
@@ -71,7 +74,8 @@ class UsageReport(BaseModel):
 
 def _window(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
     end = end or datetime.now(UTC)
-    start = start or (end - timedelta(days=30))
+    # (from the earliest time there is when ``to`` is within 30 days of it)
+    start = start or max(end, EARLIEST + DEFAULT_SPAN) - DEFAULT_SPAN
     if start.tzinfo is None or end.tzinfo is None:
         raise BadRequestError("from and to need a time zone (e.g. 2026-11-01T00:00:00Z)")
     if start >= end:
@@ -133,9 +137,10 @@ def _respond(report: UsageReport, fmt: str) -> Response[Any]:
                         f"usage-{report.group_by.value}.csv")
 
 
-From = FromQuery[Annotated[datetime | None,
+# Parsed, checked and held in UTC before a route runs (out of range: a 400 naming it).
+From = FromQuery[Annotated[UtcDateTime | None,
                            QueryParameter(name="from", description="inclusive, ISO 8601")]]
-To = FromQuery[Annotated[datetime | None,
+To = FromQuery[Annotated[UtcDateTime | None,
                          QueryParameter(name="to", description="exclusive, ISO 8601")]]
 Format = FromQuery[Annotated[str, QueryParameter(pattern="^(json|csv)$")]]
 
