@@ -3,7 +3,7 @@ the tier's default), and an index that lets the outbox relay and the stuck-docum
 sweeper find a document's outbox message without scanning the outbox.
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-05
 """
 
