@@ -10,6 +10,7 @@ msgspec also refuses lone surrogates (``"\\ud800"``), which no database column s
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -18,6 +19,11 @@ from litestar.exceptions import ClientException
 from litestar.types import Empty
 
 _decoder = msgspec.json.Decoder()  # as Litestar's, for a body with no target type
+# A high surrogate escape not followed by a low one, or a low one on its own: msgspec
+# reports these as truncated input, which misleads the client.
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def decode_json(data: bytes | str, what: str = "the request body") -> Any:
@@ -25,6 +31,10 @@ def decode_json(data: bytes | str, what: str = "the request body") -> Any:
     try:
         return _decoder.decode(data)
     except msgspec.DecodeError as exc:
+        raw = data.encode(errors="replace") if isinstance(data, str) else data
+        if _LONE_SURROGATE.search(raw):
+            raise ClientException(f"{what} is not valid JSON: it holds a lone surrogate "
+                                  "escape, which is not text") from exc
         raise ClientException(f"{what} is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise ClientException(f"{what} is not valid JSON: it is nested too deeply") from exc

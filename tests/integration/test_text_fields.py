@@ -72,6 +72,24 @@ async def test_an_end_user_with_a_control_character_is_refused_before_generation
         == ["ann"]
 
 
+@pytest.mark.parametrize("content", ["hi\u0000", [{"type": "text", "text": "a\u0001b"}]])
+async def test_message_text_with_a_control_character_is_refused_before_generation(
+    client: Client, admin_headers: dict[str, str], routed: None, fake: FakeServer,
+    content: Any,
+) -> None:
+    tenant = await create_tenant(client, admin_headers, **UNLIMITED)
+    key = bearer((await create_key(client, admin_headers, tenant["id"], ["chat"]))["key"])
+    before = fake.app.stats.requests
+    resp = await client.post("/v1/chat/completions", headers=key, json=chat(
+        messages=[{"role": "user", "content": content}]))
+    refused(resp, "messages")
+    assert fake.app.stats.requests == before
+    # Tab, newline and carriage return are text.
+    ok = await client.post("/v1/chat/completions", headers=key, json=chat(
+        store=False, messages=[{"role": "user", "content": "a\tb\r\nc"}]))
+    assert ok.status_code == 200, ok.text
+
+
 async def test_an_embed_token_for_an_end_user_with_a_control_character_is_not_minted(
     client: Client, admin_headers: dict[str, str],
 ) -> None:

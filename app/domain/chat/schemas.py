@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from app.domain.search.schemas import Filters
-from app.text_fields import SINGLE_LINE
+from app.text_fields import FREE_TEXT, SINGLE_LINE
 
 Role = Literal["system", "developer", "user", "assistant"]
 MAX_MESSAGES = 500
@@ -25,7 +25,7 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
+    text: Annotated[str, Field(max_length=MAX_CONTENT_CHARS), FREE_TEXT]
 
 
 class ChatMessage(BaseModel):
@@ -34,8 +34,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Role
-    content: str | list[TextPart]
-    name: Annotated[str | None, Field(max_length=64)] = None
+    content: Annotated[str, FREE_TEXT] | list[TextPart]  # stored with the conversation
+    name: Annotated[str | None, Field(max_length=64), SINGLE_LINE] = None
 
     @field_validator("content")
     @classmethod
