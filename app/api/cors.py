@@ -36,7 +36,8 @@ ALLOW_HEADERS = "authorization, content-type, x-request-id"
 EXPOSE_HEADERS = ", ".join([
     "x-request-id", "retry-after", "x-ratelimit-limit-requests",
     "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
-    "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"])
+    "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+    "idempotent-replayed"])
 MAX_AGE_S = "600"
 error_origin_var: ContextVar[str | None] = ContextVar("cors_error_origin", default=None)
 
