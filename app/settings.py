@@ -284,6 +284,11 @@ class ChatSettings(BaseSettings):
     snippet_chars: int = Field(default=300, ge=0)
     max_history_messages: int = Field(default=50, ge=0)
     rerank_model: str | None = None  # a sentence-transformers CrossEncoder folder; off
+    # Content rules: all of one request's matching (input, snippets, answer, stream) may
+    # take this long, then the next check counts as a hit; texts longer than
+    # content_rules_offload_chars are matched in a thread, off the event loop.
+    content_rules_budget_ms: int = Field(default=250, ge=1, le=60_000)
+    content_rules_offload_chars: int = Field(default=4096, ge=0)
 
 
 class Settings(BaseSettings):

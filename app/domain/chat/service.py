@@ -165,10 +165,10 @@ class ChatService:
         if not turns or turns[-1]["role"] != "user":
             raise BadRequestError("the last message must be the user's")
         end_user = req.user or ""
-        answer_filter = AnswerFilter.of(tenant)
+        answer_filter = AnswerFilter.of(tenant, self.chat)
         system = [caller_system] if isinstance(caller_system, str) else caller_system or []
         sent = "\n".join([*system, *(t["content"] for t in turns)])
-        if answer_filter.check_input(sent) is not None:
+        if await answer_filter.check_input(sent) is not None:
             return self._refused(req, route, turns, answer_filter, end_user, request_id)
         history: list[dict[str, str]] = []
         conversation_id = req.conversation_id
@@ -289,7 +289,7 @@ class ChatService:
             choices = response.get("choices") or [{}]
             answer = str((choices[0].get("message") or {}).get("content") or "")
             p.finish_reason = choices[0].get("finish_reason")
-            shown, stopped = p.filter.whole(answer)
+            shown, stopped = await p.filter.whole(answer)
             if shown != answer and choices[0].get("message") is not None:
                 choices[0]["message"]["content"] = shown
             if stopped:
@@ -378,7 +378,7 @@ class ChatService:
                 renewed = time.perf_counter()  # a long stream keeps its lease
                 await self.limiter.renew(p.ticket)
             chunk["id"], chunk["model"], chunk["created"] = p.request_id, p.model, p.created
-            if not self._filter_chunk(p, chunk):
+            if not await self._filter_chunk(p, chunk):
                 self._note_hit(tenant, p, "output")
                 notice = f"\n\n{OUTPUT_REFUSAL}" if "".join(p.shown).strip() else OUTPUT_REFUSAL
                 stop = self._chunk(p, {"content": notice})
@@ -404,7 +404,7 @@ class ChatService:
                 yield _sse(usage_chunk)
 
     @staticmethod
-    def _filter_chunk(p: Prepared, chunk: dict[str, Any]) -> bool:
+    async def _filter_chunk(p: Prepared, chunk: dict[str, Any]) -> bool:
         """Pass the chunk's text through the content rules (in place); False when a rule
         is hit (the chunk must not be sent)."""
         for choice in chunk.get("choices") or []:
@@ -412,9 +412,9 @@ class ChatService:
             text = str(delta.get("content") or "")
             p.answer.append(text)
             p.finish_reason = choice.get("finish_reason") or p.finish_reason
-            shown = p.filter.piece(text)
+            shown = await p.filter.piece(text)
             if choice.get("finish_reason"):
-                shown += p.filter.end()
+                shown += await p.filter.end()
             if p.filter.hit is not None:
                 return False
             if shown != text:
