@@ -116,6 +116,9 @@ class AuthSettings(BaseSettings):
     # Resolved tenant keys are reused this long; revocations and tenant changes reach
     # every process at once through PostgreSQL NOTIFY (0 = look up every request).
     cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
+    # A refused key (unknown, revoked, expired, suspended tenant) is refused from memory
+    # this long: a flood of bad keys costs one lookup per key, not a connection per request.
+    negative_cache_ttl_s: float = Field(default=5.0, ge=0, le=60)
     # Embed tokens (browsers): signed with this key (default: derived from the pepper),
     # valid for at most this long.
     embed_signing_key: SecretStr | None = None
