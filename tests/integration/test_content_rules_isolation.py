@@ -44,7 +44,9 @@ PACE_S = 0.2
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeServer]:
-    with FakeServer(FakeConfig(completion_tokens=4)) as server:
+    # An upstream that thinks for 30 ms, like a small model: the app's own work is a
+    # fraction of each answer, as in production, and a stalled event loop stands out.
+    with FakeServer(FakeConfig(completion_tokens=4, ttft_s=0.03)) as server:
         yield server
 
 

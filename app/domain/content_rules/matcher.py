@@ -32,6 +32,7 @@ PATTERN_MAX_MEM = 1 << 21  # RE2's memory per pattern (program and DFA cache)
 # larger programs ("(.{0,40}a){10}", 3,600) took 25 ms on a 500-byte stream window.
 MAX_PROGRAM_SIZE = 2500
 TERMS_MAX_MEM = 64 << 20  # a term list is large but literal: its DFA stays small
+LOOK_AHEAD = ("\\b", "\\B", "$", "\\z")  # assertions about the character after a match
 WORD = r"\pL\pM\pN\p{Pc}"  # a word character, as Unicode (and the old engine's \w) has it
 _sre_parse: Any = importlib.import_module("re._parser")  # only for a pattern's match width
 
@@ -127,6 +128,7 @@ class Rule:
     stream: Regexp
     width: int = 1
     lead: bytes = b""  # what every match of a pattern starts with (may be empty)
+    looks_ahead: bool = False  # \b, \B, $ or \z: a match may hang on the next character
     tail: Regexp | None = None
     terms: dict[str, str] = field(default_factory=dict)
 
@@ -140,6 +142,8 @@ class Rule:
     def stream_hit(self, data: bytes) -> Match | None:
         """A hit in ``data`` that no later text can undo."""
         if self.tail is not None:  # the term's closing character is part of the match
+            return self.stream.search(data)
+        if not self.looks_ahead:  # a match stays a match whatever follows
             return self.stream.search(data)
         # The last character is left undecided: \\b or $ before it may not hold.
         return self.stream.search(data, 0, _last_char(data))
@@ -225,7 +229,8 @@ def compile_rules(terms: Sequence[str], patterns: Sequence[str]) -> list[Rule]:
             log.warning("content rule pattern %r is not applied: %s", p, exc.reason)
             continue
         rules.append(Rule(f"pattern:{p}", whole=compiled, stream=compiled,
-                          width=match_width(p), lead=_lead(compiled)))
+                          width=match_width(p), lead=_lead(compiled),
+                          looks_ahead=any(a in p for a in LOOK_AHEAD)))
     return rules
 
 
