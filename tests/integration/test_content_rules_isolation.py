@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import statistics
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from litestar import Litestar
@@ -26,6 +28,7 @@ from tests.support import (
     create_key,
     create_tenant,
     one_pool,
+    plain_dsn,
     routed_through,
     served_over_http,
 )
@@ -133,3 +136,26 @@ async def test_patterns_re2_cannot_run_are_refused_saying_why(
         assert "blocked_patterns[1]" in resp.text and "RE2" in resp.text
     assert (await http.get("/v1/tenant/content-rules", headers=admin)).json()[
         "blocked_patterns"] == []  # nothing was saved
+
+
+async def test_a_stored_pattern_re2_cannot_run_is_reported_and_not_applied(
+    client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+    settings: Settings,
+) -> None:
+    info = await create_tenant(client, admin_headers, **UNLIMITED)
+    chat = bearer((await create_key(client, admin_headers, info["id"], ["chat"]))["key"])
+    admin = bearer((await create_key(client, admin_headers, info["id"], ["admin"]))["key"])
+    # Saved before RE2 was the engine (written here as the owner, past the API's check).
+    conn = await asyncpg.connect(plain_dsn(settings.database.owner_url()))
+    try:
+        await conn.execute("UPDATE tenants SET blocked_patterns = $1 WHERE id = $2",
+                           [r"(a)\1", r"w2\b"], uuid.UUID(info["id"]))
+    finally:
+        await conn.close()
+    rules = (await http.get("/v1/tenant/content-rules", headers=admin)).json()
+    assert rules["blocked_patterns"] == [r"(a)\1", r"w2\b"]
+    assert rules["unsupported_patterns"] == [r"(a)\1"]
+    asked = await http.post("/v1/chat/completions", headers=chat, json=body("say aa"))
+    assert asked.json()["choices"][0]["finish_reason"] == "content_filter"  # by w2\b only
+    hits = (await http.get("/v1/tenant/content-rules/hits", headers=admin)).json()["data"]
+    assert [h["rule"] for h in hits] == [r"pattern:w2\b"]
