@@ -27,6 +27,7 @@ from tests.support import (
     concurrent_client,
     create_key,
     create_tenant,
+    metering_done,
     one_pool,
     plain_dsn,
     routed_through,
@@ -157,5 +158,10 @@ async def test_a_stored_pattern_re2_cannot_run_is_reported_and_not_applied(
     assert rules["unsupported_patterns"] == [r"(a)\1"]
     asked = await http.post("/v1/chat/completions", headers=chat, json=body("say aa"))
     assert asked.json()["choices"][0]["finish_reason"] == "content_filter"  # by w2\b only
-    hits = (await http.get("/v1/tenant/content-rules/hits", headers=admin)).json()["data"]
+    await metering_done()  # hits are recorded behind the answer
+    for _ in range(50):
+        hits = (await http.get("/v1/tenant/content-rules/hits", headers=admin)).json()["data"]
+        if hits:
+            break
+        await asyncio.sleep(0.05)
     assert [h["rule"] for h in hits] == [r"pattern:w2\b"]
