@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import time
 import uuid
@@ -37,11 +38,17 @@ from tests.support import (
 Client = AsyncTestClient[Litestar]
 UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
              "monthly_token_budget": 10**12}
-# Nested quantifiers a backtracking engine explores exponentially on "aaa...a!"; each
-# pattern has its own suffix so all 50 are distinct.
+# Nested quantifiers a backtracking engine explores exponentially on "aaa...a!", and
+# patterns whose automaton RE2 cannot cache (it falls back to its slower NFA on random
+# "ab" text); each with its own suffix so all 50 are distinct.
 HOSTILE = [f"{p}(?:k{i})?" for i in range(10) for p in (
-    r"(a+)+Z", r"(a|aa)+Z", r"(\w+\s?)+Z", r"(a*)*b$", r"((a+)|(a+a))+Q")]
-ADVERSARIAL = ("a" * 40 + "!") * 3  # short: its cost is in the rules, not in its tokens
+    r"(a+)+Z", r"(a|aa)+Z", r"(\w+\s?)+Z", r"(a|b)*a(a|b){100}c", r"(?s).*a.{120}c")]
+
+
+def adversarial() -> str:
+    """New text each time: RE2 cannot reuse the automaton states it built before."""
+    return "a" * 40 + "! " + "".join("ab"[b & 1] for b in os.urandom(2000))
+
 SAMPLES, WARMUP = 150, 20
 PACE_S = 0.2
 
@@ -93,7 +100,7 @@ async def flood(http: httpx.AsyncClient, headers: dict[str, str], stop: asyncio.
                 sent: list[float]) -> None:
     while not stop.is_set():
         started = time.perf_counter()
-        resp = await http.post("/v1/chat/completions", headers=headers, json=body(ADVERSARIAL))
+        resp = await http.post("/v1/chat/completions", headers=headers, json=body(adversarial()))
         assert resp.status_code == 200, resp.text
         sent.append(time.perf_counter() - started)
         await asyncio.sleep(PACE_S)  # a steady trickle: its rules are the load, not its rate

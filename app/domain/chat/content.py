@@ -6,9 +6,11 @@ All matching of one request shares one time budget (``CHAT_CONTENT_RULES_BUDGET_
 once spent, the next check counts as a hit (fail closed). A text longer than
 ``CHAT_CONTENT_RULES_OFFLOAD_CHARS`` (the user's messages, a whole answer) is matched in
 a worker thread, where RE2 runs without the GIL: the event loop keeps serving every
-other tenant meanwhile. Stream pieces are short and matched inline, until one check of
-the request takes longer than :data:`INLINE_LIMIT_S` (rules whose automaton RE2 cannot
-cache): from then on that request's pieces are matched in a thread too.
+other tenant meanwhile. Shorter texts, citation snippets and stream pieces are matched
+inline while that is cheap: a check goes on in a thread once it has run for
+:data:`INLINE_LIMIT_S`, and a tenant's rules that were once slow (a search over
+:data:`~app.domain.content_rules.matcher.SLOW_SEARCH_S`: an automaton RE2 cannot cache)
+are matched in a thread from then on, for every request.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 from app.db.models import Tenant
 from app.domain.chat.schemas import Citation
-from app.domain.content_rules.matcher import MatchBudget, Rule, StreamGuard, first_hit
+from app.domain.content_rules.matcher import MatchBudget, Rule, StreamGuard, first_hit, scan
 from app.domain.content_rules.service import rules_of
 from app.settings import ChatSettings
 
@@ -42,7 +44,7 @@ class AnswerFilter:
         ChatSettings.model_fields["content_rules_budget_ms"].default / 1000))
     offload_chars: int = ChatSettings.model_fields["content_rules_offload_chars"].default
     _guard: StreamGuard | None = field(default=None, repr=False)
-    _offload: bool = field(default=False, repr=False)  # an inline check was slow
+    _offload: bool = field(default=False, repr=False)  # a check of this request ran long
 
     @classmethod
     def of(cls, tenant: Tenant, chat: ChatSettings | None = None) -> AnswerFilter:
@@ -59,10 +61,17 @@ class AnswerFilter:
         self.hit = await self._first_hit(text) if self.rules else None
         return self.hit
 
+    async def citations(self, cited: list[Citation]) -> list[Citation]:
+        """Citations whose snippets break a rule keep their place but not their text
+        (matched inline while cheap, like the input)."""
+        if not self.rules:
+            return cited
+        return [_cleared(c) if await self._first_hit(c.snippet) else c for c in cited]
+
     def citation(self, cited: Citation) -> Citation:
-        """A citation whose snippet breaks a rule keeps its place but not its text."""
+        """One citation, its snippet cleared if it breaks a rule (inline)."""
         if self.rules and first_hit(self.rules, cited.snippet, self.budget) is not None:
-            return cited.model_copy(update={"snippet": ""})
+            return _cleared(cited)
         return cited
 
     async def whole(self, answer: str) -> tuple[str, bool]:
@@ -74,13 +83,16 @@ class AnswerFilter:
         return answer + self._disclaimer(), False
 
     async def _first_hit(self, text: str) -> str | None:
-        """Short texts inline (cheaper than a thread hop); long ones off the loop."""
-        if len(text) <= self.offload_chars and not self._offload:
-            started = time.perf_counter()
-            hit = first_hit(self.rules, text, self.budget)
-            self._offload = time.perf_counter() - started > INLINE_LIMIT_S
+        """Inline while cheap (no thread hop); the rest, or a long text, off the loop."""
+        if self._off_loop() or len(text) > self.offload_chars:
+            return await asyncio.to_thread(first_hit, self.rules, text, self.budget)
+        data = text.encode()
+        done, hit = scan(self.rules, data, self.budget, time.perf_counter() + INLINE_LIMIT_S)
+        if hit is not None or done == len(self.rules):
             return hit
-        return await asyncio.to_thread(first_hit, self.rules, text, self.budget)
+        self._offload = True
+        rest = self.rules[done:]
+        return (await asyncio.to_thread(scan, rest, data, self.budget))[1]
 
     async def piece(self, text: str) -> str:
         """Of a streamed piece, what may be shown now ("" once a rule is hit)."""
@@ -101,12 +113,21 @@ class AnswerFilter:
         return self._disclaimer()
 
     async def _off_loop_if_slow(self, check: Callable[..., str], *args: str) -> str:
-        if self._offload:
+        if self._off_loop():
             return await asyncio.to_thread(check, *args)
         started = time.perf_counter()
         result = check(*args)
         self._offload = time.perf_counter() - started > INLINE_LIMIT_S
         return result
 
+    def _off_loop(self) -> bool:
+        """Whether this request's checks go to a thread: one of them ran long, or one
+        of the tenant's rules was ever slow in this process."""
+        return self._offload or any(r.cost.slow for r in self.rules)
+
     def _disclaimer(self) -> str:
         return f"\n\n{self.disclaimer}" if self.disclaimer else ""
+
+
+def _cleared(cited: Citation) -> Citation:
+    return cited.model_copy(update={"snippet": ""})

@@ -182,8 +182,9 @@ class ChatService:
                             caller_system=caller_system, passages=passages,
                             history=[*history, *turns[:-1]], turns=turns[-1:])
         messages, bound, kept = await self._fit(route, req.model, parts, max_tokens)
-        citations = [answer_filter.citation(_citation(i, p, self.chat.snippet_chars))
-                     for i, p in enumerate((passages or [])[:kept], start=1)]
+        citations = await answer_filter.citations(
+            [_citation(i, p, self.chat.snippet_chars)
+             for i, p in enumerate((passages or [])[:kept], start=1)])
         body: dict[str, Any] = {
             "model": req.model, "messages": messages, "max_tokens": max_tokens,
             "stream": req.stream, **req.sampling(),

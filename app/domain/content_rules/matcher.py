@@ -31,6 +31,8 @@ PATTERN_MAX_MEM = 1 << 21  # RE2's memory per pattern (program and DFA cache)
 # A search costs up to this many steps per byte when RE2's DFA gives up (state blow-up):
 # larger programs ("(.{0,40}a){10}", 3,600) took 25 ms on a 500-byte stream window.
 MAX_PROGRAM_SIZE = 2500
+SLOW_SEARCH_S = 0.0005  # a rule whose searches take longer is matched off the event loop
+SLOW_SEARCHES = 3  # ... once this many did (the first builds RE2's automaton: slower)
 TERMS_MAX_MEM = 64 << 20  # a term list is large but literal: its DFA stays small
 LOOK_AHEAD = ("\\b", "\\B", "$", "\\z")  # assertions about the character after a match
 WORD = r"\pL\pM\pN\p{Pc}"  # a word character, as Unicode (and the old engine's \w) has it
@@ -112,6 +114,26 @@ def _char_offset(data: bytes, offset: int) -> int:
     return len(data[:offset].decode("utf-8", errors="ignore"))
 
 
+@dataclass
+class RuleCost:
+    """What searches with one rule have cost; shared by every request of the rule set
+    (compiled once per process), so a slow rule is known from its first slow search."""
+
+    slow_searches: int = 0
+
+    @property
+    def slow(self) -> bool:
+        """Slow again and again (not once, building its automaton)."""
+        return self.slow_searches >= SLOW_SEARCHES
+
+    def note(self, seconds: float, budget: MatchBudget | None) -> None:
+        """Count a search against the request's budget; remember a slow one."""
+        if budget is not None:
+            budget.spent += seconds
+        if seconds > SLOW_SEARCH_S:
+            self.slow_searches += 1
+
+
 @dataclass(frozen=True)
 class Rule:
     """One compiled rule and how it is shown in the record of hits. All of a tenant's
@@ -131,6 +153,7 @@ class Rule:
     looks_ahead: bool = False  # \b, \B, $ or \z: a match may hang on the next character
     tail: Regexp | None = None
     terms: dict[str, str] = field(default_factory=dict)
+    cost: RuleCost = field(default_factory=RuleCost, compare=False, repr=False)
 
     def hit_name(self, match: Match) -> str:
         """How the record names the hit."""
@@ -251,19 +274,28 @@ def _spent(rule: Rule) -> str:
     return f"{rule.name} (time budget spent)"
 
 
-def first_hit(rules: Sequence[Rule], text: str, budget: MatchBudget | None = None) -> str | None:
-    """The name of the first rule ``text`` breaks, if any (a spent budget is a hit)."""
-    data = text.encode()
-    for rule in rules:
+def scan(rules: Sequence[Rule], data: bytes, budget: MatchBudget | None = None,
+         until: float = float("inf")) -> tuple[int, str | None]:
+    """Check ``data`` (UTF-8) against the rules in order: the first hit's name (a spent
+    budget is a hit), else None; and how many rules were checked, fewer than all when
+    ``time.perf_counter()`` passed ``until`` (the caller goes on with the others)."""
+    for i, rule in enumerate(rules):
         if budget is not None and budget.exhausted:
-            return _spent(rule)
+            return i, _spent(rule)
         started = time.perf_counter()
         match = rule.whole.search(data)
-        if budget is not None:
-            budget.spent += time.perf_counter() - started
+        finished = time.perf_counter()
+        rule.cost.note(finished - started, budget)
         if match is not None:
-            return rule.hit_name(match)
-    return None
+            return i + 1, rule.hit_name(match)
+        if finished > until:
+            return i + 1, None
+    return len(rules), None
+
+
+def first_hit(rules: Sequence[Rule], text: str, budget: MatchBudget | None = None) -> str | None:
+    """The name of the first rule ``text`` breaks, if any (a spent budget is a hit)."""
+    return scan(rules, text.encode(), budget)[1]
 
 
 @dataclass
@@ -292,8 +324,7 @@ class StreamGuard:
             started = time.perf_counter()
             m = rule.stream_hit(data)
             hold = rule.hold_from(window, data)
-            if self.budget is not None:
-                self.budget.spent += time.perf_counter() - started
+            rule.cost.note(time.perf_counter() - started, self.budget)
             if m is not None:
                 self.hit = rule.hit_name(m)
                 return ""
