@@ -111,7 +111,7 @@ def test_a_spent_time_budget_fails_closed() -> None:
     assert first_hit(rules, "harmless", budget) is None and 0 < budget.spent < 10.0
 
 
-async def test_a_long_input_is_matched_off_the_event_loop() -> None:
+async def test_long_inputs_and_slow_rules_are_matched_off_the_event_loop() -> None:
     flt = AnswerFilter(rules=tuple(compile_rules(["Project Falcon"], [])), offload_chars=10)
     threads: list[str] = []
     real = asyncio.to_thread
@@ -125,6 +125,13 @@ async def test_a_long_input_is_matched_off_the_event_loop() -> None:
         assert await flt.check_input("short") is None and threads == []
         assert await flt.check_input("a long message about project falcon") == \
             "term:Project Falcon"
+        assert threads == ["first_hit"]
+        # Rules that keep being slow are matched off the loop for every request after.
+        for _ in range(3):
+            flt.rules[0].cost.note(0.01, None)
+        again = AnswerFilter(rules=flt.rules, offload_chars=10, _guard=StreamGuard(flt.rules))
+        assert await again.check_input("short") is None
+        assert await again.piece("fine ") == "fine "
     finally:
         asyncio.to_thread = real
-    assert threads == ["first_hit"]
+    assert threads == ["first_hit", "first_hit", "feed"]
