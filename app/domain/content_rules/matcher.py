@@ -16,9 +16,11 @@ stream only within that many characters.
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import logging
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -141,9 +143,10 @@ class Rule:
     matched text back to the term as the tenant wrote it.
 
     ``whole`` decides a complete text; ``stream`` decides a hit in text that goes on
-    (for terms: a term and the character after it); ``tail`` (terms only) finds a start
-    of a term at the end of the text; ``width`` is what a pattern holds back at most,
-    from the first place its ``lead`` starts (or could start, at the very end)."""
+    (for terms: a term and the character after it); ``starts`` (terms only: sorted,
+    casefolded) tells whether the end of the text could begin a term; ``width`` is what
+    a pattern holds back at most (for terms: the longest term), from the first place its
+    ``lead`` starts (or could start, at the very end)."""
 
     name: str
     whole: Regexp
@@ -151,7 +154,7 @@ class Rule:
     width: int = 1
     lead: bytes = b""  # what every match of a pattern starts with (may be empty)
     looks_ahead: bool = False  # \b, \B, $ or \z: a match may hang on the next character
-    tail: Regexp | None = None
+    starts: tuple[str, ...] = ()
     terms: dict[str, str] = field(default_factory=dict)
     cost: RuleCost = field(default_factory=RuleCost, compare=False, repr=False)
 
@@ -164,7 +167,8 @@ class Rule:
 
     def stream_hit(self, data: bytes) -> Match | None:
         """A hit in ``data`` that no later text can undo."""
-        if self.tail is not None:  # the term's closing character is part of the match
+        if self.terms or not self.looks_ahead:  # terms: the closing character is matched;
+            # other patterns without end assertions: a match stays one whatever follows.
             return self.stream.search(data)
         if not self.looks_ahead:  # a match stays a match whatever follows
             return self.stream.search(data)
@@ -173,11 +177,21 @@ class Rule:
 
     def hold_from(self, window: str, data: bytes) -> int:
         """Where in ``window`` the text a later piece could still make a hit begins."""
-        if self.tail is None:
+        if not self.terms:
             return self._lead_from(window, data)
-        m = self.tail.search(data)
-        return len(window) if m is None else _char_offset(data, m.start(1))
+        return self._term_start(window)
 
+    def _term_start(self, window: str) -> int:
+        """The first place, at a word's start, from which the rest of ``window`` begins
+        a term (a sorted list: the terms beginning with a text follow its place)."""
+        for i in range(max(0, len(window) - self.width), len(window)):
+            if i > 0 and _is_word(window[i - 1]):
+                continue
+            rest = window[i:].casefold()
+            k = bisect.bisect_left(self.starts, rest)
+            if k < len(self.starts) and self.starts[k].startswith(rest):
+                return i
+        return len(window)
 
     def _lead_from(self, window: str, data: bytes) -> int:
         earliest = max(0, len(window) - self.width)
@@ -210,20 +224,10 @@ def _lead(compiled: Regexp) -> bytes:
     return bytes(low[:same])
 
 
-def _prefixes(terms: Sequence[str]) -> str:
-    """One RE2 alternation matching every non-empty start of every term (a trie)."""
-    trie: dict[str, Any] = {}
-    for term in terms:
-        node = trie
-        for ch in term:
-            node = node.setdefault(ch, {})
-
-    def emit(node: dict[str, Any]) -> str:
-        alts = [re2.escape(ch) + (f"(?:{emit(rest)})?" if rest else "")
-                for ch, rest in node.items()]
-        return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
-
-    return emit(trie)
+def _is_word(ch: str) -> bool:
+    """A word character as :data:`WORD` has it (letters, marks, numbers, connectors)."""
+    category = unicodedata.category(ch)
+    return category[0] in "LMN" or category == "Pc"
 
 
 def _terms_rule(kept: dict[str, str]) -> Rule:
@@ -236,8 +240,9 @@ def _terms_rule(kept: dict[str, str]) -> Rule:
         return compiled
 
     return Rule("terms", whole=build(listed, f"(?:[^{WORD}]|$)"),
-                stream=build(listed, f"[^{WORD}]"),
-                tail=build(_prefixes(list(kept.values())), "$"), terms=kept)
+                stream=build(listed, f"[^{WORD}]"), terms=kept,
+                width=max(len(t) for t in kept.values()),
+                starts=tuple(sorted(t.casefold() for t in kept.values())))
 
 
 def compile_rules(terms: Sequence[str], patterns: Sequence[str]) -> list[Rule]:
