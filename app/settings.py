@@ -292,6 +292,9 @@ class ChatSettings(BaseSettings):
     # content_rules_offload_chars are matched in a thread, off the event loop.
     content_rules_budget_ms: int = Field(default=250, ge=1, le=60_000)
     content_rules_offload_chars: int = Field(default=4096, ge=0)
+    # Threads for that matching (its own pool: retrieval's query embedding is not queued
+    # behind it); each uses a core while it runs.
+    content_rules_threads: int = Field(default=2, ge=1, le=64)
 
 
 class Settings(BaseSettings):

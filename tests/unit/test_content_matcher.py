@@ -3,7 +3,7 @@ stream never releasing a blocked term, citation snippets cleared."""
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
 import uuid
 from typing import Any
@@ -111,27 +111,32 @@ def test_a_spent_time_budget_fails_closed() -> None:
     assert first_hit(rules, "harmless", budget) is None and 0 < budget.spent < 10.0
 
 
-async def test_long_inputs_and_slow_rules_are_matched_off_the_event_loop() -> None:
+async def test_long_inputs_and_slow_rules_are_matched_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     flt = AnswerFilter(rules=tuple(compile_rules(["Project Falcon"], [])), offload_chars=10)
-    threads: list[str] = []
-    real = asyncio.to_thread
+    ran: list[tuple[str, str]] = []  # (function, thread)
 
-    async def spy(fn: Any, *args: Any) -> Any:
-        threads.append(fn.__name__)
-        return await real(fn, *args)
+    def watched(fn: Any) -> Any:
+        def run(*args: Any) -> Any:
+            ran.append((fn.__name__, threading.current_thread().name))
+            return fn(*args)
+        return run
 
-    asyncio.to_thread = spy  # type: ignore[assignment]
-    try:
-        assert await flt.check_input("short") is None and threads == []
-        assert await flt.check_input("a long message about project falcon") == \
-            "term:Project Falcon"
-        assert threads == ["first_hit"]
-        # Rules that keep being slow are matched off the loop for every request after.
-        for _ in range(3):
-            flt.rules[0].cost.note(0.01, None)
-        again = AnswerFilter(rules=flt.rules, offload_chars=10, _guard=StreamGuard(flt.rules))
-        assert await again.check_input("short") is None
-        assert await again.piece("fine ") == "fine "
-    finally:
-        asyncio.to_thread = real
-    assert threads == ["first_hit", "first_hit", "feed"]
+    real = AnswerFilter._in_thread
+
+    async def spy(self: AnswerFilter, fn: Any, *args: Any) -> Any:
+        return await real(self, watched(fn), *args)
+
+    monkeypatch.setattr(AnswerFilter, "_in_thread", spy)
+    assert await flt.check_input("short") is None and ran == []
+    assert await flt.check_input("a long message about project falcon") == \
+        "term:Project Falcon"
+    # Rules that keep being slow are matched off the loop for every request after.
+    for _ in range(3):
+        flt.rules[0].cost.note(0.01, None)
+    again = AnswerFilter(rules=flt.rules, offload_chars=10, _guard=StreamGuard(flt.rules))
+    assert await again.check_input("short") is None
+    assert await again.piece("fine ") == "fine "
+    assert [name for name, _ in ran] == ["first_hit", "first_hit", "feed"]
+    assert all(thread.startswith("content-rules") for _, thread in ran)

@@ -16,9 +16,12 @@ are matched in a thread from then on, for every request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from app.db.models import Tenant
 from app.domain.chat.schemas import Citation
@@ -26,6 +29,7 @@ from app.domain.content_rules.matcher import MatchBudget, Rule, StreamGuard, fir
 from app.domain.content_rules.service import rules_of
 from app.settings import ChatSettings
 
+T = TypeVar("T")
 CONTENT_FILTER = "content_filter"  # OpenAI's finish reason for a filtered answer
 INPUT_REFUSAL = ("I can't help with that: the request breaks this assistant's content "
                  "rules.")
@@ -43,6 +47,7 @@ class AnswerFilter:
     budget: MatchBudget = field(default_factory=lambda: MatchBudget(
         ChatSettings.model_fields["content_rules_budget_ms"].default / 1000))
     offload_chars: int = ChatSettings.model_fields["content_rules_offload_chars"].default
+    threads: int = ChatSettings.model_fields["content_rules_threads"].default
     _guard: StreamGuard | None = field(default=None, repr=False)
     _offload: bool = field(default=False, repr=False)  # a check of this request ran long
 
@@ -54,6 +59,7 @@ class AnswerFilter:
         budget = MatchBudget(chat.content_rules_budget_ms / 1000)
         return cls(rules=rules, disclaimer=tenant.disclaimer or None, budget=budget,
                    offload_chars=chat.content_rules_offload_chars,
+                   threads=chat.content_rules_threads,
                    _guard=StreamGuard(rules, budget) if rules else None)
 
     async def check_input(self, text: str) -> str | None:
@@ -85,14 +91,14 @@ class AnswerFilter:
     async def _first_hit(self, text: str) -> str | None:
         """Inline while cheap (no thread hop); the rest, or a long text, off the loop."""
         if self._off_loop() or len(text) > self.offload_chars:
-            return await asyncio.to_thread(first_hit, self.rules, text, self.budget)
+            return await self._in_thread(first_hit, self.rules, text, self.budget)
         data = text.encode()
         done, hit = scan(self.rules, data, self.budget, time.perf_counter() + INLINE_LIMIT_S)
         if hit is not None or done == len(self.rules):
             return hit
         self._offload = True
         rest = self.rules[done:]
-        return (await asyncio.to_thread(scan, rest, data, self.budget))[1]
+        return (await self._in_thread(scan, rest, data, self.budget))[1]
 
     async def piece(self, text: str) -> str:
         """Of a streamed piece, what may be shown now ("" once a rule is hit)."""
@@ -114,11 +120,15 @@ class AnswerFilter:
 
     async def _off_loop_if_slow(self, check: Callable[..., str], *args: str) -> str:
         if self._off_loop():
-            return await asyncio.to_thread(check, *args)
+            return await self._in_thread(check, *args)
         started = time.perf_counter()
         result = check(*args)
         self._offload = time.perf_counter() - started > INLINE_LIMIT_S
         return result
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            matching_threads(self.threads), fn, *args)
 
     def _off_loop(self) -> bool:
         """Whether this request's checks go to a thread: one of them ran long, or one
@@ -127,6 +137,14 @@ class AnswerFilter:
 
     def _disclaimer(self) -> str:
         return f"\n\n{self.disclaimer}" if self.disclaimer else ""
+
+
+@functools.cache
+def matching_threads(count: int) -> ThreadPoolExecutor:
+    """The process's threads for content matching (one pool per size; in practice one):
+    apart from the default executor, which embeds retrieval queries for every tenant, so
+    slow rules queue behind slow rules only, on at most ``count`` cores."""
+    return ThreadPoolExecutor(max_workers=count, thread_name_prefix="content-rules")
 
 
 def _cleared(cited: Citation) -> Citation:
