@@ -116,6 +116,9 @@ class AuthSettings(BaseSettings):
     # Resolved tenant keys are reused this long; revocations and tenant changes reach
     # every process at once through PostgreSQL NOTIFY (0 = look up every request).
     cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
+    # A refused key (unknown, revoked, expired, suspended tenant) is refused from memory
+    # this long: a flood of bad keys costs one lookup per key, not a connection per request.
+    negative_cache_ttl_s: float = Field(default=5.0, ge=0, le=60)
     # Embed tokens (browsers): signed with this key (default: derived from the pepper),
     # valid for at most this long.
     embed_signing_key: SecretStr | None = None
@@ -292,6 +295,14 @@ class ChatSettings(BaseSettings):
     snippet_chars: int = Field(default=300, ge=0)
     max_history_messages: int = Field(default=50, ge=0)
     rerank_model: str | None = None  # a sentence-transformers CrossEncoder folder; off
+    # Content rules: all of one request's matching (input, snippets, answer, stream) may
+    # take this long, then the next check counts as a hit; texts longer than
+    # content_rules_offload_chars are matched in a thread, off the event loop.
+    content_rules_budget_ms: int = Field(default=250, ge=1, le=60_000)
+    content_rules_offload_chars: int = Field(default=4096, ge=0)
+    # Threads for that matching (its own pool: retrieval's query embedding is not queued
+    # behind it); each uses a core while it runs.
+    content_rules_threads: int = Field(default=2, ge=1, le=64)
 
 
 class Settings(BaseSettings):

@@ -133,7 +133,8 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
                 stack.push_async_callback(dispatcher.close)
             admin_key = settings.auth.platform_admin_key
             embed_signer = EmbedTokenSigner(settings.auth.embed_key())
-            credentials = CredentialCache(settings.auth.cache_ttl_s)
+            credentials = CredentialCache(settings.auth.cache_ttl_s,
+                                          negative_ttl_s=settings.auth.negative_cache_ttl_s)
             db.on_commit(credential_owner, credentials.drop_tenants)  # this process: at once
             allowed_origins = AllowedOrigins(db)
             db.on_commit(credential_owner, allowed_origins.invalidate)

@@ -2,11 +2,14 @@
 
 Resolved tenant keys are cached briefly (:mod:`app.auth.cache`); PostgreSQL announces
 every revocation, rescoping and tenant change, so a revoked key or a suspended tenant is
-refused on the next request in every process.
+refused on the next request in every process. Refused keys are remembered briefly too,
+and concurrent lookups of one key share one query: a flood of requests with a bad key
+holds at most one database connection per key, not one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -26,7 +29,7 @@ from app.auth.principal import (
 )
 from app.db.engine import Database
 from app.db.models import ApiKey, Tenant, TenantStatus, utcnow
-from app.errors import AuthenticationError, TenantSuspendedError
+from app.errors import AuthenticationError, DomainError, TenantSuspendedError
 
 MALFORMED = "malformed API key: expected 'Authorization: Bearer trk_...'"
 
@@ -43,6 +46,7 @@ class ApiKeyAuthenticator:
         self.last_used_resolution = last_used_resolution
         self.cache = cache
         self.embed = embed
+        self._pending: dict[str, asyncio.Future[CachedPrincipal]] = {}  # lookups under way
 
     async def authenticate(self, presented: str) -> Principal:
         """The principal for a key, or AuthenticationError / TenantSuspendedError."""
@@ -64,8 +68,51 @@ class ApiKeyAuthenticator:
         cached = self.cache.get(digest)
         if cached is not None:
             return cached
+        refused = self.cache.refusal(digest)
+        if refused is not None:
+            raise _as_refusal(refused)
+        pending = self._pending.get(digest)
+        if pending is not None:  # the same key is being looked up: share its answer
+            try:
+                return await asyncio.shield(pending)
+            except DomainError as exc:
+                raise _as_refusal(exc) from None
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request was cancelled, not the lookup it waited on
+        return await self._lead_lookup(digest, lookup)
+
+    async def _lead_lookup(self, digest: str,
+                           lookup: Callable[[], Awaitable[CachedPrincipal]]) -> CachedPrincipal:
+        """Look the key up for every request presenting it meanwhile."""
+        future: asyncio.Future[CachedPrincipal] = asyncio.get_running_loop().create_future()
+        self._pending[digest] = future
+        try:
+            principal = await self._looked_up(digest, lookup)
+        except asyncio.CancelledError:
+            future.cancel()  # the waiters look it up themselves
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: there may be no waiter
+            raise
+        else:
+            future.set_result(principal)
+        finally:
+            if self._pending.get(digest) is future:
+                del self._pending[digest]
+        return principal
+
+    async def _looked_up(self, digest: str,
+                         lookup: Callable[[], Awaitable[CachedPrincipal]]) -> CachedPrincipal:
+        """One lookup; its principal, or its refusal, remembered for the next ones."""
+        assert self.cache is not None
         generation = self.cache.generation
-        principal = await lookup()
+        try:
+            principal = await lookup()
+        except (AuthenticationError, TenantSuspendedError) as exc:
+            self.cache.refuse(digest, _as_refusal(exc), generation)
+            raise
         self.cache.put(digest, principal, generation)
         return principal
 
@@ -134,3 +181,8 @@ class ApiKeyAuthenticator:
             return
         stmt = update(ApiKey).where(col(ApiKey.id) == key.id).values(last_used_at=now)
         await (await session.connection()).execute(stmt)
+
+
+def _as_refusal(exc: DomainError) -> DomainError:
+    """A fresh copy of a refusal to raise again (no traceback of the first request)."""
+    return type(exc)(exc.detail, **exc.extra)

@@ -9,6 +9,12 @@ entries; in the process that made the change, the commit itself drops them
 (:func:`credential_owner`, via ``Database.on_commit``). While the process is not
 listening (connecting, or its connection was lost) the cache is cleared and bypassed, so
 a missed notification can never keep a revoked key alive; the TTL is a second bound.
+
+Refusals are remembered too, for ``negative_ttl_s`` (:meth:`CredentialCache.refusal`):
+a flood of requests with a bogus, revoked or suspended key costs one lookup per key and
+period, not one database connection per request. Every credential change anywhere drops
+them all (a reactivated tenant or restored key is not refused on); a newly minted key
+was never presented before, so no refusal can be remembered for it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncpg
 
 from app.auth.principal import CachedPrincipal
 from app.db.models import ApiKey, Tenant
+from app.errors import DomainError
 
 log = logging.getLogger(__name__)
 CHANNEL = "tenantrag_auth"
@@ -34,12 +41,34 @@ HEARTBEAT_S = 5.0  # how often the listening connection proves it is alive
 class CredentialCache:
     """Principals by the hash of the presented key, for ``ttl_s`` seconds."""
 
-    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl_s: float, max_entries: int = 10_000,
+                 negative_ttl_s: float = 0.0) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.negative_ttl_s = negative_ttl_s
         self.listening = False  # set by the listener; nothing is served without it
         self.generation = 0  # bumped by every drop: a lookup started before it is stale
         self._entries: dict[str, tuple[float, CachedPrincipal]] = {}
+        self._refused: dict[str, tuple[float, DomainError]] = {}
+
+    def refusal(self, digest: str) -> DomainError | None:
+        """The error a key was refused with moments ago, if it still stands."""
+        entry = self._refused.get(digest)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._refused[digest]
+            return None
+        return entry[1]
+
+    def refuse(self, digest: str, error: DomainError, generation: int) -> None:
+        """Remember that a key looked up at ``generation`` was refused (bounded: the
+        oldest refusal goes first)."""
+        if self.negative_ttl_s <= 0 or generation != self.generation:
+            return
+        if len(self._refused) >= self.max_entries:
+            self._refused.pop(next(iter(self._refused)))
+        self._refused[digest] = (time.monotonic() + self.negative_ttl_s, error)
 
     def get(self, digest: str) -> CachedPrincipal | None:
         """The cached principal, if fresh and the cache is trustworthy now."""
@@ -72,6 +101,7 @@ class CredentialCache:
     def drop_tenants(self, tenant_ids: set[object]) -> None:
         """Forget every key of these tenants."""
         self.generation += 1
+        self._refused.clear()  # a refusal names no tenant reliably: all go
         for digest in [d for d, (_, p) in self._entries.items() if p.tenant_id in tenant_ids]:
             del self._entries[digest]
 
@@ -79,6 +109,7 @@ class CredentialCache:
         """Forget everything."""
         self.generation += 1
         self._entries.clear()
+        self._refused.clear()
 
 
 def credential_owner(row: object) -> uuid.UUID | None:

@@ -223,9 +223,9 @@ class ChatService:
                        plan: Plan) -> Prepared:
         end_user = req.user or ""
         turns = plan.turns
-        answer_filter = AnswerFilter.of(tenant)
+        answer_filter = AnswerFilter.of(tenant, self.chat)
         sent = "\n".join([*plan.caller_system, *(t["content"] for t in turns)])
-        if answer_filter.check_input(sent) is not None:
+        if await answer_filter.check_input(sent) is not None:
             return self._refused(req, plan.route, turns, answer_filter, end_user,
                                  plan.request_id)
         history: list[dict[str, str]] = []
@@ -239,8 +239,9 @@ class ChatService:
                             caller_system=plan.caller_system, passages=passages,
                             history=[*history, *turns[:-1]], turns=turns[-1:])
         messages, bound, kept, exact = await self._fit(plan, req.model, parts)
-        citations = [answer_filter.citation(_citation(i, p, self.chat.snippet_chars))
-                     for i, p in enumerate((passages or [])[:kept], start=1)]
+        citations = await answer_filter.citations(
+            [_citation(i, p, self.chat.snippet_chars)
+             for i, p in enumerate((passages or [])[:kept], start=1)])
         body: dict[str, Any] = {
             "model": req.model, "messages": messages, "max_tokens": plan.max_tokens,
             "stream": req.stream, **req.sampling(),
@@ -355,7 +356,7 @@ class ChatService:
             choices = response.get("choices") or [{}]
             answer = str((choices[0].get("message") or {}).get("content") or "")
             p.finish_reason = choices[0].get("finish_reason")
-            shown, stopped = p.filter.whole(answer)
+            shown, stopped = await p.filter.whole(answer)
             if shown != answer and choices[0].get("message") is not None:
                 choices[0]["message"]["content"] = shown
             if stopped:
@@ -445,7 +446,7 @@ class ChatService:
                 renewed = time.perf_counter()  # a long stream keeps its lease
                 await self.limiter.renew(p.ticket)
             chunk["id"], chunk["model"], chunk["created"] = p.request_id, p.model, p.created
-            if not self._filter_chunk(p, chunk):
+            if not await self._filter_chunk(p, chunk):
                 self._note_hit(tenant, p, "output")
                 notice = f"\n\n{OUTPUT_REFUSAL}" if "".join(p.shown).strip() else OUTPUT_REFUSAL
                 stop = self._chunk(p, {"content": notice})
@@ -471,7 +472,7 @@ class ChatService:
                 yield _sse(usage_chunk)
 
     @staticmethod
-    def _filter_chunk(p: Prepared, chunk: dict[str, Any]) -> bool:
+    async def _filter_chunk(p: Prepared, chunk: dict[str, Any]) -> bool:
         """Pass the chunk's text through the content rules (in place); False when a rule
         is hit (the chunk must not be sent)."""
         for choice in chunk.get("choices") or []:
@@ -479,9 +480,9 @@ class ChatService:
             text = str(delta.get("content") or "")
             p.answer.append(text)
             p.finish_reason = choice.get("finish_reason") or p.finish_reason
-            shown = p.filter.piece(text)
+            shown = await p.filter.piece(text)
             if choice.get("finish_reason"):
-                shown += p.filter.end()
+                shown += await p.filter.end()
             if p.filter.hit is not None:
                 return False
             if shown != text:

@@ -11,7 +11,12 @@ from litestar.params import JSONBody, QueryParameter
 from app.api.guards import actor_of, requires_scope, tenant_of
 from app.api.paging import Offset
 from app.auth.keys import Scope
-from app.domain.content_rules.schemas import ContentRuleHitOut, ContentRuleHitPage, ContentRules
+from app.domain.content_rules.schemas import (
+    ContentRuleHitOut,
+    ContentRuleHitPage,
+    ContentRules,
+    ContentRulesOut,
+)
 from app.domain.content_rules.service import ContentRulesService
 
 AnyRequest = Request[Any, Any, Any]
@@ -21,8 +26,9 @@ ADMIN = requires_scope(Scope.admin)
 @get("/v1/tenant/content-rules", tags=["tenant"], guards=[ADMIN],
      summary="The blocklist and disclaimer applied to every chat")
 async def get_content_rules(request: AnyRequest,
-                            content: NamedDependency[ContentRulesService]) -> ContentRules:
-    """Blocked terms, blocked patterns and the disclaimer."""
+                            content: NamedDependency[ContentRulesService]) -> ContentRulesOut:
+    """Blocked terms, blocked patterns and the disclaimer (and any stored pattern the
+    regular-expression engine cannot run, which is not applied)."""
     return await content.get(tenant_of(request))
 
 
@@ -30,8 +36,9 @@ async def get_content_rules(request: AnyRequest,
      summary="Replace the blocklist and disclaimer")
 async def put_content_rules(request: AnyRequest, data: JSONBody[ContentRules],
                             content: NamedDependency[ContentRulesService]) -> ContentRules:
-    """Terms match case-insensitively as whole words; patterns are regular expressions;
-    both are checked on the user's message and on the answer as it streams."""
+    """Terms match case-insensitively as whole words; patterns are RE2 regular
+    expressions (422 for one RE2 cannot run: backreferences, lookarounds); both are
+    checked on the user's message and on the answer as it streams."""
     return await content.set(tenant_of(request), data, actor_of(request))
 
 

@@ -11,9 +11,11 @@ from sqlmodel import col, select
 from app.db.engine import Database
 from app.db.models import ContentRuleHit, Tenant, utcnow
 from app.domain.audit.records import AuditAction, changed_fields, record_audit
-from app.domain.content_rules.matcher import Rule, compile_rules
-from app.domain.content_rules.schemas import ContentRules
+from app.domain.content_rules.matcher import PatternRefused, Rule, compile_pattern, compile_rules
+from app.domain.content_rules.matcher import unsupported as unsupported_patterns
+from app.domain.content_rules.schemas import ContentRules, ContentRulesOut
 from app.domain.tenants.rows import tenant_row_in
+from app.errors import InvalidInputError
 
 
 @functools.lru_cache(maxsize=1024)
@@ -26,19 +28,35 @@ def rules_of(tenant: Tenant) -> tuple[Rule, ...]:
     return _compiled(tuple(tenant.blocked_terms), tuple(tenant.blocked_patterns))
 
 
+def _check_engine(patterns: list[str]) -> None:
+    for i, p in enumerate(patterns):
+        try:
+            compile_pattern(p)
+        except PatternRefused as exc:
+            raise InvalidInputError(
+                f"blocked_patterns[{i}] {p!r} is not supported: {exc.reason} (patterns run "
+                "on RE2: no backreferences or lookarounds; use \\z for the end of text)",
+                field=f"blocked_patterns[{i}]") from None
+
+
 class ContentRulesService:
     """One tenant's rules and hits, in its own row-level-security scope."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def get(self, tenant_id: uuid.UUID) -> ContentRules:
-        """The current rules."""
+    async def get(self, tenant_id: uuid.UUID) -> ContentRulesOut:
+        """The current rules, and those stored patterns that are not applied."""
         async with self.db.tenant(tenant_id) as session:
-            return ContentRules.model_validate(await tenant_row_in(session, tenant_id))
+            tenant = await tenant_row_in(session, tenant_id)
+        out = ContentRulesOut.model_validate(tenant)
+        out.unsupported_patterns = unsupported_patterns(tenant.blocked_patterns)
+        return out
 
     async def set(self, tenant_id: uuid.UUID, rules: ContentRules, actor: str) -> ContentRules:
-        """Replace the rules (audited when they change)."""
+        """Replace the rules (audited when they change); a pattern RE2 cannot run is
+        refused, saying why."""
+        _check_engine(rules.blocked_patterns)
         values = {"blocked_terms": list(dict.fromkeys(rules.blocked_terms)),
                   "blocked_patterns": list(dict.fromkeys(rules.blocked_patterns)),
                   "disclaimer": rules.disclaimer or None}
