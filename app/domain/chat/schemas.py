@@ -35,7 +35,7 @@ class ChatMessage(BaseModel):
 
     role: Role
     content: Annotated[str, FREE_TEXT] | list[TextPart]  # stored with the conversation
-    name: Annotated[str | None, Field(max_length=64), SINGLE_LINE] = None
+    name: Annotated[str, Field(max_length=64), SINGLE_LINE] | None = None
 
     @field_validator("content")
     @classmethod
