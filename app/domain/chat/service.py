@@ -512,7 +512,7 @@ class ChatService:
                     log.warning("could not count the tokens of %s: %s", p.request_id, exc)
             usage = p.usage or Usage(0, 0)
             if p.ticket is not None and self.limiter is not None:
-                kept = self._replayable(p)
+                kept = self._replayable(p) if p.ticket.claimed else None
                 if kept is None and p.ticket.claimed:  # its id is free for a retry, which
                     p.metering_id = _fresh_metering_id(p.metering_id)  # meters under it
                 await self.limiter.settle(p.ticket, usage.total_tokens, kept)
