@@ -145,3 +145,20 @@ async def test_document_filenames_ids_and_metadata_refuse_control_characters(
         **admin, "Content-Type": "text/plain"}, content=b"hello"), "filename")
     listed = await client.get(docs, headers=admin)
     assert listed.status_code == 200 and listed.json()["total"] == 0  # nothing stored
+
+
+async def test_content_rules_refuse_control_characters_in_terms_patterns_and_disclaimer(
+    client: Client, admin_headers: dict[str, str],
+) -> None:
+    tenant = await create_tenant(client, admin_headers)
+    admin = bearer((await create_key(client, admin_headers, tenant["id"], ["admin"]))["key"])
+    url = "/v1/tenant/content-rules"
+    refused(await client.put(url, headers=admin, json={"blocked_terms": ["sec\u0000ret"]}),
+            "blocked_terms")
+    refused(await client.put(url, headers=admin, json={"blocked_patterns": ["a\u0000b"]}),
+            "blocked_patterns")
+    refused(await client.put(url, headers=admin, json={"disclaimer": "note\u0007"}),
+            "disclaimer")
+    kept = await client.put(url, headers=admin, json={"disclaimer": "line one\nline two"})
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["disclaimer"] == "line one\nline two"

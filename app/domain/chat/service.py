@@ -58,7 +58,7 @@ from app.inference.dispatcher import (
 from app.quotas.limiter import Claim, Limits, RateLimiter, Ticket
 from app.quotas.metrics import ServiceMetrics
 from app.quotas.usage import CHAT, UsageService
-from app.quotas.usage_writer import UsageRow
+from app.quotas.usage_writer import UsageEventQuarantinedError, UsageRow
 from app.settings import ChatSettings, LlmSettings
 
 log = logging.getLogger(__name__)
@@ -560,6 +560,8 @@ class ChatService:
                 log.warning("request id %s was metered before; its usage is stored as %s",
                             p.metering_id, event.request_id)
                 await self.usage.record(event)
+        except UsageEventQuarantinedError:
+            pass  # the writer kept it in the quarantine, and logged and counted it
         except Exception:
             log.exception("could not write the usage event of %s", p.metering_id)
 

@@ -17,9 +17,11 @@ from pydantic import (
 )
 
 from app.domain.content_rules.matcher import PatternRefused, compile_pattern
+from app.text_fields import FREE_TEXT, SINGLE_LINE
 
-Term = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Pattern = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+Term = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+                 SINGLE_LINE]
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=500), FREE_TEXT]
 
 
 class ContentRules(BaseModel):
@@ -30,7 +32,7 @@ class ContentRules(BaseModel):
 
     blocked_terms: Annotated[list[Term], Field(max_length=500)] = []
     blocked_patterns: Annotated[list[Pattern], Field(max_length=50)] = []
-    disclaimer: Annotated[str | None, Field(max_length=2000)] = None
+    disclaimer: Annotated[str, Field(max_length=2000), FREE_TEXT] | None = None
 
     @field_validator("blocked_patterns")
     @classmethod
