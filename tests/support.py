@@ -34,6 +34,9 @@ EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_PRICE_PER_MTOK = "0.02"
 EMBEDDING_PRICES = f'{{"{EMBEDDING_MODEL}": {{"prompt_per_mtok": {EMBEDDING_PRICE_PER_MTOK}}}}}'
 
+# Limits high enough never to refuse a test's requests, but set: the limiter runs.
+UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
+             "monthly_token_budget": 10**12}
 
 def with_database(url: str, name: str) -> str:
     """The same server URL pointing at database ``name``."""

@@ -26,6 +26,7 @@ from app.quotas.limiter import Claim, Limits, RateLimiter, period_of
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import (
+    UNLIMITED,
     bearer,
     concurrent_client,
     create_key,
@@ -39,8 +40,6 @@ from tests.support import (
 
 Client = AsyncTestClient[Litestar]
 MODEL = "smollm2"
-UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
-             "monthly_token_budget": 10**12}
 WINDOW = 2048  # the fake's max_model_len
 
 

@@ -18,6 +18,7 @@ from app.domain.chat.content import INPUT_REFUSAL, OUTPUT_REFUSAL
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import (
+    UNLIMITED,
     bearer,
     concurrent_client,
     create_key,
@@ -29,8 +30,6 @@ from tests.support import (
 )
 
 Client = AsyncTestClient[Litestar]
-UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
-             "monthly_token_budget": 10**12}
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from litestar.testing import AsyncTestClient
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import (
+    UNLIMITED,
     bearer,
     concurrent_client,
     create_key,
@@ -36,8 +37,6 @@ from tests.support import (
 )
 
 Client = AsyncTestClient[Litestar]
-UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
-             "monthly_token_budget": 10**12}
 # Nested quantifiers a backtracking engine explores exponentially on "aaa...a!", and
 # patterns whose automaton RE2 cannot cache (it falls back to its slower NFA on random
 # "ab" text); each with its own suffix so all 50 are distinct.

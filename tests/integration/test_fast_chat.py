@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,12 +18,10 @@ from litestar.testing import AsyncTestClient
 from app.api.factory import Api, create_app
 from app.settings import Settings, TracingSettings
 from tests.fake_openai import FakeConfig, FakeServer
-from tests.support import bearer, create_key, create_tenant, one_pool, routed_through
+from tests.support import UNLIMITED, bearer, create_key, create_tenant, one_pool, routed_through
 
 Client = AsyncTestClient[Litestar]
 SITE = "https://help.fastpath.example"
-UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
-             "monthly_token_budget": 10**12}
 READ_HEADERS = ("content-type", "www-authenticate", "retry-after", "access-control-allow-origin",
                 "access-control-expose-headers", "cache-control", "x-ratelimit-limit-requests",
                 "x-ratelimit-limit-tokens")
@@ -36,13 +34,6 @@ VOLATILE = {"id", "created", "x-request-id", "conversation_id", "prompt_tokens_d
 def fake() -> Iterator[FakeServer]:
     with FakeServer(FakeConfig(completion_tokens=5)) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-async def routed(app: Api, client: Client, settings: Settings,
-                 fake: FakeServer) -> AsyncIterator[None]:
-    async with routed_through(app, client, one_pool(fake.base_url), settings):
-        yield
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import (
     EMBEDDING_MODEL,
     EMBEDDING_PRICE_PER_MTOK,
+    UNLIMITED,
     bearer,
     concurrent_client,
     create_key,
@@ -44,8 +45,6 @@ Client = AsyncTestClient[Litestar]
 MODEL = "smollm2"
 PRICE = ModelPrice(prompt_per_mtok=Decimal(1), completion_per_mtok=Decimal(2),
                    cached_prompt_per_mtok=Decimal("0.5"))
-UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
-             "monthly_token_budget": 10**12}
 TOKENS_PER_REQUEST = 10
 SECONDS_PER_TOKEN = 0.06  # long enough that start-up jitter under load stays small
 

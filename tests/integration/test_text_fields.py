@@ -7,7 +7,6 @@ PostgreSQL and Redis; the fake vLLM server generates)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -15,25 +14,16 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.settings import Settings
-from tests.fake_openai import FakeConfig, FakeServer
-from tests.support import bearer, create_key, create_tenant, one_pool, owner_rows, routed_through
+from tests.fake_openai import FakeServer
+from tests.support import (
+    UNLIMITED,
+    bearer,
+    create_key,
+    create_tenant,
+    owner_rows,
+)
 
 Client = AsyncTestClient[Litestar]
-UNLIMITED = {"rpm_limit": 10**6, "tpm_limit": 10**9, "max_concurrency": 10**4,
-             "monthly_token_budget": 10**12}
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeServer]:
-    with FakeServer(FakeConfig(completion_tokens=4)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-async def routed(app: Litestar, client: Client, settings: Settings,
-                 fake: FakeServer) -> AsyncIterator[None]:
-    async with routed_through(app, client, one_pool(fake.base_url), settings):
-        yield
 
 
 def refused(resp: Any, field: str) -> None:
