@@ -55,6 +55,7 @@ class FakeConfig:
     fail_next: int = 0  # ...or only the next N requests
     die_after_tokens: int | None = None  # cut the connection mid-stream
     omit_usage: bool = False  # never report usage (even when asked)
+    tokenize_fail_status: int | None = None  # answer /tokenize with this status
     # Prompt-cache accounting as vLLM's --enable-prompt-tokens-details reports it: a
     # prompt's leading whole blocks already seen with the same cache_salt are "cached".
     prompt_tokens_details: bool = True
@@ -150,6 +151,10 @@ class FakeOpenAI:
 
     async def _tokenize(self, body: dict[str, Any], send: Send) -> None:
         self.stats.tokenize_calls += 1
+        if self.config.tokenize_fail_status is not None:
+            status = self.config.tokenize_fail_status
+            await _json(send, status, self._error(status, "tokenizer unavailable"))
+            return
         if "messages" in body:
             count = prompt_tokens(body["messages"])
         else:

@@ -447,6 +447,29 @@ class RateLimiter:
             log.warning("could not renew lease %s: %s", ticket.lease, exc)
 
 
+class LeaseKeeper:
+    """Renews a ticket's leases (its concurrency slots, reservation and claimed request
+    id) every third of their lifetime while a whole answer is generated; a stream renews
+    as it relays. A timer, not a task: an answer quicker than that costs one timer."""
+
+    def __init__(self, limiter: RateLimiter, ticket: Ticket) -> None:
+        self._limiter, self._ticket = limiter, ticket
+        self._renewing: asyncio.Task[None] | None = None  # kept alive while it runs
+        self._timer = self._schedule()
+
+    def _schedule(self) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(self._limiter.lease_ttl_s / 3,
+                                                     self._renew)
+
+    def _renew(self) -> None:
+        self._renewing = asyncio.ensure_future(self._limiter.renew(self._ticket))
+        self._timer = self._schedule()
+
+    def stop(self) -> None:
+        """No more renewals (the request is done; settling releases the leases)."""
+        self._timer.cancel()
+
+
 _LIMIT_NAMES = {
     "requests": "requests per minute", "tokens": "tokens per minute",
     "user_requests": "this end user's requests per minute",

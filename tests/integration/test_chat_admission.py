@@ -341,3 +341,74 @@ async def test_message_text_is_bounded_however_it_is_split(
     ok = await http.post("/v1/chat/completions", headers=headers,
                          json={**body(), "messages": [{"role": "user", "content": within}]})
     assert ok.status_code == 200, ok.text
+
+
+async def test_a_whole_answer_slower_than_its_lease_keeps_its_request_id(
+    app: Litestar, client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+    fake: FakeServer,
+) -> None:
+    _, headers = await chat_tenant(client, admin_headers)
+    once = {**headers, "X-Request-Id": "slow-1"}
+    limiter: RateLimiter = app.state.limiter
+    lease, limiter.lease_ttl_s = limiter.lease_ttl_s, 0.6
+    fake.config.ttft_s = 1.5
+    try:
+        first = asyncio.ensure_future(http.post("/v1/chat/completions", headers=once,
+                                                json=body()))
+        await asyncio.sleep(1.0)  # past the lease: renewed while the answer is generated
+        retry = await http.post("/v1/chat/completions", headers=once, json=body())
+        assert retry.status_code == 409, retry.text
+        assert retry.json()["code"] == "idempotency_in_progress"
+        answered = await first
+    finally:
+        limiter.lease_ttl_s, fake.config.ttft_s = lease, 0.0
+    assert answered.status_code == 200, answered.text
+    generated = fake.stats.requests
+    replay = await http.post("/v1/chat/completions", headers=once, json=body())
+    assert replay.status_code == 200 and replay.json() == answered.json()
+    assert fake.stats.requests == generated
+
+
+async def test_an_answer_whose_tokens_cannot_be_counted_is_billed_at_its_bound(
+    app: Litestar, client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+    settings: Settings, fake: FakeServer,
+) -> None:
+    info, headers = await chat_tenant(client, admin_headers, monthly_token_budget=10**6)
+    fake.config.omit_usage, fake.config.tokenize_fail_status = True, 500
+    try:
+        resp = await http.post("/v1/chat/completions", headers=headers, json=body())
+    finally:
+        fake.config.omit_usage, fake.config.tokenize_fail_status = False, None
+    assert resp.status_code == 200, resp.text  # the answer is kept
+    usage = resp.json()["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    rows = await owner_rows(settings, "usage_events", info["id"])
+    assert [r["completion_tokens"] for r in rows] == [usage["completion_tokens"]]
+    assert await budget_used(app, info["id"]) == usage["total_tokens"] > 0
+
+
+async def test_a_stream_the_client_left_replays_as_ended_early(
+    client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+    fake: FakeServer,
+) -> None:
+    _, headers = await chat_tenant(client, admin_headers)
+    once = {**headers, "X-Request-Id": "left-1"}
+    fake.config.itl_s = 0.2
+    try:
+        async with http.stream("POST", "/v1/chat/completions", headers=once,
+                               json=body(stream=True)) as live:
+            async for line in live.aiter_lines():
+                if '"content":"w' in line:
+                    break  # the client leaves after its first words
+        for _ in range(50):  # until the abandoned request has settled
+            replay = await http.post("/v1/chat/completions", headers=once,
+                                     json=body(stream=True))
+            if replay.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        fake.config.itl_s = 0.0
+    assert replay.status_code == 200, replay.text
+    errors = [e["error"]["code"] for e in events(replay) if isinstance(e, dict) and "error" in e]
+    assert errors == ["client_closed"], replay.text  # not shown as a whole answer
+    assert streamed_text(replay).startswith("w0")

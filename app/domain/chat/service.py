@@ -55,7 +55,7 @@ from app.inference.dispatcher import (
     Dispatcher,
     TenantRoute,
 )
-from app.quotas.limiter import Claim, Limits, RateLimiter, Ticket
+from app.quotas.limiter import Claim, LeaseKeeper, Limits, RateLimiter, Ticket
 from app.quotas.metrics import ServiceMetrics
 from app.quotas.usage import CHAT, UsageService
 from app.quotas.usage_writer import UsageEventQuarantinedError, UsageRow
@@ -347,8 +347,7 @@ class ChatService:
         """A non-streaming answer, in OpenAI's format plus citations; metered however
         it ends."""
         try:
-            response, p.where = await self.dispatcher.complete(p.route, p.model, p.body,
-                                                               p.cost, disconnected)
+            response, p.where = await self._generate(p, disconnected)
             response["id"], response["model"] = p.request_id, p.model
             response["created"] = p.created
             response["citations"] = p.citation_dicts()
@@ -381,6 +380,20 @@ class ChatService:
                 self.limiter.settling(p.ticket, settled)
         await self._record(tenant, p, shown)
         return response
+
+    async def _generate(self, p: Prepared, disconnected: Disconnected | None,
+                        ) -> tuple[dict[str, Any], Dispatched]:
+        """The whole answer from the dispatcher, the request's leases (and claimed id)
+        renewed while it takes longer than a third of their lifetime."""
+        if p.ticket is None or self.limiter is None:
+            return await self.dispatcher.complete(p.route, p.model, p.body, p.cost,
+                                                  disconnected)
+        keeper = LeaseKeeper(self.limiter, p.ticket)
+        try:
+            return await self.dispatcher.complete(p.route, p.model, p.body, p.cost,
+                                                  disconnected)
+        finally:
+            keeper.stop()
 
     async def open_stream(self, tenant: Tenant, p: Prepared,
                           disconnected: Disconnected | None = None) -> DispatchedStream:
@@ -506,10 +519,7 @@ class ChatService:
         p.finished = True
         try:
             if p.usage is None and p.where is not None:  # sent, but no usage came back
-                try:
-                    p.usage = await self._count_usage(p, "".join(p.answer))
-                except DomainError as exc:
-                    log.warning("could not count the tokens of %s: %s", p.request_id, exc)
+                p.usage = await self._count_usage(p, "".join(p.answer))
             usage = p.usage or Usage(0, 0)
             if p.ticket is not None and self.limiter is not None:
                 kept = self._replayable(p) if p.ticket.claimed else None
@@ -526,7 +536,8 @@ class ChatService:
         None if nothing was generated (it never reached a generation server)."""
         if p.response is None and p.where is None and p.refused is None:
             return None
-        failed = p.status not in ("ok", "content_blocked", "client_closed")
+        # A client that left mid-answer got part of it: a replay says it ended early.
+        failed = p.status not in ("ok", "content_blocked")
         return StoredAnswer(
             id=p.request_id, created=p.created, model=p.model, content="".join(p.shown),
             finish_reason=p.finish_reason, usage=p.usage.as_dict() if p.usage else None,
@@ -590,14 +601,22 @@ class ChatService:
                              "finish_reason": None}]}
 
     async def _count_usage(self, p: Prepared, answer: str) -> Usage:
-        """Usage from the server's tokenizer, for a server that reported none."""
+        """Usage from the server's tokenizer, for a server that reported none. Where it
+        cannot count (no capacity, the server gone), what it could not count is billed
+        at its upper bound (a token per byte): generated text is never billed as 0."""
         prompt = p.prompt_tokens  # counted exactly while fitting the window, if it was
-        if prompt is None:
-            prompt = await self.dispatcher.count_prompt_tokens(
-                p.route, p.model, p.body["messages"], cost=p.prompt_tokens_bound)
-        completion = await self.dispatcher.count_text_tokens(
-            p.route, p.model, answer, cost=len(answer)) if answer else 0
-        return Usage(prompt, completion, counted=True)
+        completion = len(answer.encode())
+        try:
+            if prompt is None:
+                prompt = await self.dispatcher.count_prompt_tokens(
+                    p.route, p.model, p.body["messages"], cost=p.prompt_tokens_bound)
+            completion = await self.dispatcher.count_text_tokens(
+                p.route, p.model, answer, cost=len(answer)) if answer else 0
+        except DomainError as exc:
+            log.warning("could not count the tokens of %s (billed at their bound): %s",
+                        p.request_id, exc)
+        return Usage(p.prompt_tokens_bound if prompt is None else prompt, completion,
+                     counted=True)
 
     async def _record(self, tenant: Tenant, p: Prepared, answer: str) -> None:
         if p.conversation_id is None:
