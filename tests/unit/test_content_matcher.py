@@ -41,15 +41,16 @@ def test_a_stream_holds_back_what_a_rule_could_still_match() -> None:
     assert "Falcon" not in "".join(shown)
 
 
-def test_a_citation_snippet_that_breaks_a_rule_is_cleared() -> None:
+async def test_a_citation_snippet_that_breaks_a_rule_is_cleared() -> None:
     rules = compile_rules(["Project Falcon"], [])
     flt = AnswerFilter(rules=tuple(rules))
     cited = Citation(index=1, chunk_id=uuid.uuid4(), document_id=uuid.uuid4(), kb_id=uuid.uuid4(),
                      filename="f.md", page=None, char_start=0, char_end=10,
                      heading_path=[], score=1.0, snippet="Project Falcon starts in May.")
-    assert flt.citation(cited).snippet == ""
     fine = cited.model_copy(update={"snippet": "Visitors sign in."})
-    assert flt.citation(fine).snippet == "Visitors sign in."
+    cleared, kept = await flt.citations([cited, fine])
+    assert cleared.snippet == "" and cleared.index == 1  # keeps its place, not its text
+    assert kept.snippet == "Visitors sign in."
 
 
 def feed_all(guard: StreamGuard, pieces: list[str]) -> list[str]:

@@ -74,12 +74,6 @@ class AnswerFilter:
             return cited
         return [_cleared(c) if await self._first_hit(c.snippet) else c for c in cited]
 
-    def citation(self, cited: Citation) -> Citation:
-        """One citation, its snippet cleared if it breaks a rule (inline)."""
-        if self.rules and first_hit(self.rules, cited.snippet, self.budget) is not None:
-            return _cleared(cited)
-        return cited
-
     async def whole(self, answer: str) -> tuple[str, bool]:
         """A complete answer as the user gets it, and whether a rule stopped it."""
         if self.rules:
