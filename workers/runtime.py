@@ -27,6 +27,7 @@ from app.db.role_check import refuse_privileged_role
 from app.domain.knowledge.pipeline import IngestPipeline, isolated_parser
 from app.domain.knowledge.sweeper import StuckDocumentSweeper
 from app.embeddings import Models, check_vector_size, load_models, parallel_embedding
+from app.hardening import refuse_inspection
 from app.inference.pools import configured_prices
 from app.outbox import DELETE_STALE_VERSIONS, INGEST_DOCUMENT
 from app.settings import Settings
@@ -118,6 +119,7 @@ class WorkerRuntime:
         self.db = Database(make_engine(s.database.application_url(), pool))
         self._stack.push_async_callback(self.db.close)
         await refuse_privileged_role(self.db.engine, "worker")
+        refuse_inspection("worker")  # its secrets unreadable to the parsers' user
         if self._given_store is None:
             self.store = open_vector_store(vector_store_config(s))
             self._stack.push_async_callback(self.store.close)

@@ -69,6 +69,7 @@ from app.domain.tenants.prompts import PromptService
 from app.domain.tenants.service import TenantService
 from app.embeddings import Models, check_vector_size, load_models
 from app.errors import ServiceUnavailableError
+from app.hardening import refuse_inspection
 from app.inference.controllers import list_pools
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import configured_pools
@@ -107,6 +108,7 @@ def make_redis(settings: Settings) -> aioredis.Redis:
 def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | None) -> Lifespan:
     @asynccontextmanager
     async def clients(app: Litestar) -> AsyncIterator[None]:
+        refuse_inspection("API")  # its secrets unreadable to the parsers' user
         async with AsyncExitStack() as stack:
             db = Database(make_engine(settings.database.application_url(), settings.database))
             stack.push_async_callback(db.close)

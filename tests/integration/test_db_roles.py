@@ -5,6 +5,7 @@ one of these). The application role that ``migrate`` creates, which every other 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import subprocess
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.api.factory import create_app
 from app.db.engine import make_engine
 from app.db.role_check import UnsafeDatabaseRoleError, inspect_role
 from app.embeddings import Models
+from app.hardening import PR_GET_DUMPABLE
 from app.settings import Settings
 from tests.support import PLATFORM_KEY, TEST_PEPPER, migrated_database, plain_dsn
 from workers.broker import setup_broker
@@ -141,3 +144,13 @@ def test_tenantrag_serve_exits_with_the_reason_as_a_superuser(
     assert done.returncode != 0, output[-3000:]
     assert "the API refuses to start" in output and "is a superuser" in output, output[-3000:]
     assert "Application startup failed" in output
+
+
+async def test_a_started_api_cannot_be_read_by_its_own_user(
+    client: AsyncTestClient[Litestar],
+) -> None:
+    """Started (the session's app, in this process): not dumpable, so a document
+    parser of the same user cannot read its environment or memory
+    (tests/unit/test_hardening.py shows what that refuses)."""
+    assert (await client.get("/healthz")).status_code == 200
+    assert ctypes.CDLL(None).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
