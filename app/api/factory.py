@@ -164,6 +164,8 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
                     admin_key.get_secret_value() if admin_key else None,
                     timedelta(seconds=settings.auth.last_used_resolution_s), credentials,
                     embed_signer,
+                    # half the pool at most: a flood of made-up keys leaves the rest
+                    max_lookups=max(1, settings.database.pool_size // 2),
                 ),
             )
             for extra in extras:

@@ -4,7 +4,9 @@ Resolved tenant keys are cached briefly (:mod:`app.auth.cache`); PostgreSQL anno
 every revocation, rescoping and tenant change, so a revoked key or a suspended tenant is
 refused on the next request in every process. Refused keys are remembered briefly too,
 and concurrent lookups of one key share one query: a flood of requests with a bad key
-holds at most one database connection per key, not one per request.
+holds at most one database connection per key, not one per request. Lookups of keys
+not cached wait for one of ``max_lookups`` places, so a flood of distinct made-up keys
+holds at most that many connections and leaves the rest of the pool to the tenants.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ApiKeyAuthenticator:
 
     def __init__(self, db: Database, pepper: str, platform_key: str | None,
                  last_used_resolution: timedelta, cache: CredentialCache | None = None,
-                 embed: EmbedTokenSigner | None = None) -> None:
+                 embed: EmbedTokenSigner | None = None, max_lookups: int = 5) -> None:
         self.db = db
         self.pepper = pepper
         self._platform_hash = hash_key(platform_key, pepper) if platform_key else None
@@ -47,6 +49,7 @@ class ApiKeyAuthenticator:
         self.cache = cache
         self.embed = embed
         self._pending: dict[str, asyncio.Future[CachedPrincipal]] = {}  # lookups under way
+        self._lookups = asyncio.Semaphore(max_lookups)  # connections lookups may hold
 
     async def authenticate(self, presented: str) -> Principal:
         """The principal for a key, or AuthenticationError / TenantSuspendedError."""
@@ -109,7 +112,8 @@ class ApiKeyAuthenticator:
         assert self.cache is not None
         generation = self.cache.generation
         try:
-            principal = await lookup()
+            async with self._lookups:
+                principal = await lookup()
         except (AuthenticationError, TenantSuspendedError) as exc:
             self.cache.refuse(digest, _as_refusal(exc), generation)
             raise

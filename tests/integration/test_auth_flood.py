@@ -67,6 +67,46 @@ async def test_a_flood_of_bogus_keys_costs_one_lookup_per_key_and_no_503s(
     assert [r.status_code for r in answers[FLOOD:]] == [200] * 30
 
 
+@contextmanager
+def peak_in_use(app: Litestar) -> Iterator[list[int]]:
+    """The most connections of the app's pool in use at once meanwhile (``[peak]``)."""
+    pool = app.state.db.engine.sync_engine.pool
+    now, peak = [0], [0]
+
+    def out(*_: Any) -> None:
+        now[0] += 1
+        peak[0] = max(peak[0], now[0])
+
+    def back(*_: Any) -> None:
+        now[0] -= 1
+
+    event.listen(pool, "checkout", out)
+    event.listen(pool, "checkin", back)
+    try:
+        yield peak
+    finally:
+        event.remove(pool, "checkout", out)
+        event.remove(pool, "checkin", back)
+
+
+async def test_a_flood_of_distinct_made_up_keys_holds_at_most_half_the_pool(
+    app: Litestar, client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
+) -> None:
+    tenant = await create_tenant(client, admin_headers)
+    real = bearer((await create_key(client, admin_headers, tenant["id"], ["admin"]))["key"])
+    assert (await http.get("/v1/tenant/content-rules", headers=real)).status_code == 200
+    cap = max(1, app.state.settings.database.pool_size // 2)
+    with peak_in_use(app) as peak:
+        flood = [http.get("/v1/models", headers=bearer(mint_key().plaintext))
+                 for _ in range(FLOOD)]
+        mine = [http.get("/v1/tenant/content-rules", headers=real) for _ in range(30)]
+        answers = await asyncio.gather(*flood, *mine)
+    assert {r.status_code for r in answers[:FLOOD]} == {401}
+    assert [r.status_code for r in answers[FLOOD:]] == [200] * 30
+    # The lookups' share, plus the tenant's own requests and the workers' polling.
+    assert peak[0] <= cap + 3, f"{peak[0]} connections in use at once (lookups may hold {cap})"
+
+
 async def test_a_remembered_refusal_ends_with_the_change_and_new_keys_work_at_once(
     client: Client, admin_headers: dict[str, str], http: httpx.AsyncClient,
 ) -> None:
