@@ -25,12 +25,9 @@ from app.errors import IdempotencyConflictError, IdempotencyInProgressError
 from app.quotas.limiter import Claim, Limits, RateLimiter, period_of
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
+from tests.integration.test_quotas import body, chat_tenant
 from tests.support import (
-    UNLIMITED,
-    bearer,
     concurrent_client,
-    create_key,
-    create_tenant,
     metering_done,
     one_pool,
     owner_rows,
@@ -61,19 +58,6 @@ async def base_url(app: Litestar, client: Client, settings: Settings,
 async def http(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with concurrent_client(base_url) as c:
         yield c
-
-
-async def chat_tenant(client: Client, admin: dict[str, str], **fields: Any) -> tuple[
-        dict[str, Any], dict[str, str]]:
-    info = await create_tenant(client, admin, **{**UNLIMITED, **fields})
-    key = (await create_key(client, admin, info["id"], ["chat"]))["key"]
-    return info, bearer(key)
-
-
-def body(stream: bool = False, **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "stream": stream, "max_tokens": 16, "store": False,
-            "retrieval": {"enabled": False},
-            "messages": [{"role": "user", "content": "how many days off do I get?"}], **extra}
 
 
 async def budget_used(app: Litestar, tenant_id: str) -> int:
