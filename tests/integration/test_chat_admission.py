@@ -335,10 +335,15 @@ async def test_a_whole_answer_slower_than_its_lease_keeps_its_request_id(
     once = {**headers, "X-Request-Id": "slow-1"}
     limiter: RateLimiter = app.state.limiter
     lease, limiter.lease_ttl_s = limiter.lease_ttl_s, 0.6
-    fake.config.ttft_s = 1.5
+    fake.config.ttft_s = 2.5
+    before = fake.stats.requests
     try:
         first = asyncio.ensure_future(http.post("/v1/chat/completions", headers=once,
                                                 json=body()))
+        for _ in range(500):  # until admitted and being generated (a busy machine
+            if fake.stats.requests > before:  # may take a while to get there)
+                break
+            await asyncio.sleep(0.02)
         await asyncio.sleep(1.0)  # past the lease: renewed while the answer is generated
         retry = await http.post("/v1/chat/completions", headers=once, json=body())
         assert retry.status_code == 409, retry.text
