@@ -29,6 +29,7 @@ test: lint typecheck
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: install
 	$(BIN)/mypy
@@ -41,7 +42,7 @@ lock: install
 ## Install the local vLLM CPU server's own venv and convert its model (once; VLLM_CACHE_DIR).
 .PHONY: vllm
 vllm: install
-	$(BIN)/python -m app.llm.local_vllm prepare
+	$(BIN)/python -m app.devstack.local_vllm prepare
 
 clean-data:
 	rm -rf .data

@@ -31,14 +31,14 @@ import asyncpg
 from sqlalchemy import func
 from sqlmodel import col, select
 
+from app.auth.principal import CLI
 from app.db.engine import Database, make_engine
 from app.db.migrate import migrate
 from app.db.models import Document, Tenant, Tier
-from app.domain.audit.records import CLI
+from app.devstack.embedded import EmbeddedStack
 from app.domain.knowledge.document_service import DocumentService, IncomingFile
 from app.domain.knowledge.kb_service import KnowledgeBaseService
 from app.domain.knowledge.schemas import KnowledgeBaseCreate
-from app.embedded import EmbeddedStack
 from app.embeddings import Models, embedding_replicas, load_models, parallel_embedding
 from app.settings import (
     DatabaseSettings,

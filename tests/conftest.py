@@ -20,9 +20,9 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from pydantic import SecretStr
 
-from app.api.factory import create_app
-from app.embedded import EmbeddedStack
+from app.devstack.embedded import EmbeddedStack
 from app.embeddings import Models, load_models
+from app.server.factory import create_app
 from app.settings import (
     AuthSettings,
     DatabaseSettings,

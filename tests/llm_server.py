@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.llm.local_vllm import LocalVLLM, default_cache_dir, prepare
+from app.devstack.local_vllm import LocalVLLM, default_cache_dir, prepare
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,12 @@ import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.api.factory import cache_salt_key
-from app.api.http_protocol import OneWriteHttpToolsProtocol
 from app.db.migrate import migrate
 from app.domain.chat.service import pending_wrap_ups
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import PoolConfig, PoolsConfig
+from app.server.factory import cache_salt_key
+from app.server.http_protocol import OneWriteHttpToolsProtocol
 from app.settings import DatabaseSettings, DispatchSettings, Settings, as_asyncpg_url
 
 PLATFORM_KEY = "test-platform-admin-key-0123456789abcdef"

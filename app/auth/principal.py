@@ -9,6 +9,15 @@ from datetime import datetime
 from app.auth.keys import Scope
 from app.db.models import Tenant, Tier
 
+# How the audit log names the operator (the platform key) and the CLI acting.
+OPERATOR = "operator"
+CLI = "cli"
+
+
+def key_actor(key_id: uuid.UUID) -> str:
+    """How the audit log names a tenant API key acting."""
+    return f"key:{key_id}"
+
 
 @dataclass(frozen=True)
 class TenantPrincipal:

@@ -32,8 +32,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from app.api.factory import create_app
 from app.embeddings import Models
+from app.server.factory import create_app
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import PLATFORM_KEY, unique_slug

@@ -14,7 +14,7 @@ import asyncpg
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.api.csv_export import neutralised
+from app.http.csv_export import neutralised
 from app.settings import Settings
 from tests.support import (
     UNLIMITED,

@@ -20,11 +20,11 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.api.factory import create_app
 from app.db.engine import make_engine
 from app.db.role_check import UnsafeDatabaseRoleError, inspect_role
 from app.embeddings import Models
 from app.hardening import PR_GET_DUMPABLE
+from app.server.factory import create_app
 from app.settings import Settings
 from tests.support import PLATFORM_KEY, TEST_PEPPER, migrated_database, plain_dsn
 from workers.broker import setup_broker

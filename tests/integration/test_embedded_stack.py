@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import redis
 
-from app.embedded import EmbeddedServiceError, EmbeddedStack, postgres_libpq_url
+from app.devstack.embedded import EmbeddedServiceError, EmbeddedStack, postgres_libpq_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ CHILD_SCRIPT = textwrap.dedent(
     """
     import json, sys, threading, time
     from pathlib import Path
-    from app.embedded import EmbeddedStack
+    from app.devstack.embedded import EmbeddedStack
 
     def serve_forever(stack):
         pids = {"postgres": stack.postgres.pid, "redis": stack.redis.pid}

@@ -1,4 +1,4 @@
-"""``POST /v1/chat/completions`` is answered outside Litestar's layers (app/api/fast_chat.py)
+"""``POST /v1/chat/completions`` is answered outside Litestar's layers (app/server/fast_chat.py)
 and, with tracing on, by the Litestar route. Both must behave alike: the same requests
 go through each and their answers are compared (status, the headers a client reads, the
 body less its per-request ids). Real PostgreSQL and Redis; the fake vLLM server
@@ -15,7 +15,7 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.api.factory import Api, create_app
+from app.server.factory import Api, create_app
 from app.settings import Settings, TracingSettings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import UNLIMITED, bearer, create_key, create_tenant, one_pool, routed_through

@@ -7,8 +7,8 @@ from pathlib import Path
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.api.factory import create_app
 from app.embeddings import Models
+from app.server.factory import create_app
 from app.settings import Settings
 
 Client = AsyncTestClient[Litestar]

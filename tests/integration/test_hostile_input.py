@@ -29,10 +29,10 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 
-from app.api.factory import create_app
 from app.db.engine import Database, make_engine
 from app.domain.knowledge.kb_service import KnowledgeBaseService
 from app.embeddings import Models
+from app.server.factory import create_app
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import bearer, create_key, create_tenant

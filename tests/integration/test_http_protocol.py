@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
-from app.api.http_protocol import HeadWithBody, OneWriteHttpToolsProtocol
+from app.server.http_protocol import HeadWithBody, OneWriteHttpToolsProtocol
 
 WRITES: list[list[bytes]] = []  # the writes of each connection, for the test to read
 

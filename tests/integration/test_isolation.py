@@ -33,7 +33,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 
-from app.api.auth import PUBLIC_PATHS
+from app.http.auth import PUBLIC_PATHS
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.support import (

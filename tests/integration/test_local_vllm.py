@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from app.llm.local_vllm import SERVED_MODEL_NAME, LocalVLLM, LocalVLLMError, PreparedVLLM
+from app.devstack.local_vllm import SERVED_MODEL_NAME, LocalVLLM, LocalVLLMError, PreparedVLLM
 
 MESSAGES = [{"role": "user", "content": "Name one colour of the rainbow."}]
 
@@ -196,7 +196,7 @@ def test_a_server_that_never_answers_is_stopped_after_the_timeout(tmp_path: Path
 
 def test_the_module_command_line_documents_both_commands() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "app.llm.local_vllm", "--help"],
+        [sys.executable, "-m", "app.devstack.local_vllm", "--help"],
         capture_output=True,
         text=True,
         check=True,

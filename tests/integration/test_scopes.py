@@ -14,8 +14,8 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 
-from app.api.auth import PUBLIC_PATHS
-from app.api.guards import platform_only
+from app.http.auth import PUBLIC_PATHS
+from app.http.guards import platform_only
 from tests.support import bearer, create_key, create_tenant
 
 Client = AsyncTestClient[Litestar]

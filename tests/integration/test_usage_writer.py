@@ -20,8 +20,8 @@ from sqlalchemy import select
 
 from app.db.engine import Database, make_engine
 from app.db.models import UsageEvent, UsageQuarantine
+from app.observability.metrics import ServiceMetrics
 from app.quotas import usage_writer
-from app.quotas.metrics import ServiceMetrics
 from app.quotas.usage_writer import (
     ROW_FIELDS,
     UsageEventQuarantinedError,

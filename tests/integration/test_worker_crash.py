@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from app.auth.principal import CLI
 from app.db.engine import Database, make_engine
 from app.db.models import Document, Tenant, Tier
-from app.domain.audit.records import CLI
 from app.domain.knowledge.document_service import DocumentService, IncomingFile
 from app.domain.knowledge.kb_service import KnowledgeBaseService
 from app.domain.knowledge.pipeline import LEASE_KEY_SQL, lease_key

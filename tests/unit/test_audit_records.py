@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from app.auth.principal import key_actor
 from app.db.models import AuditEvent
-from app.domain.audit.records import AuditAction, changed_fields, key_actor, record_audit
+from app.domain.audit.records import AuditAction, changed_fields, record_audit
 from app.logs import request_id_var
 
 

@@ -14,8 +14,8 @@ import pytest
 import typer.main
 import yaml
 
-from app.cli import cli
 from app.inference.pools import parse_pools
+from app.server.cli import cli
 from app.settings import Settings
 from tests.tools import required_tool, unread_variables
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from app.devstack import EMBED_KEY_FILE, PEPPER_FILE, with_folder_secrets
+from app.devstack.stack import EMBED_KEY_FILE, PEPPER_FILE, with_folder_secrets
 from app.settings import DEV_KEY_PEPPER, AuthSettings
 
 

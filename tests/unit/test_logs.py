@@ -20,8 +20,8 @@ from litestar import Litestar, get
 from litestar.testing import AsyncTestClient
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from app.api.request_context import request_middleware
-from app.api.tracing import TracingUnavailableError, tracing_middleware
+from app.http.request_context import request_middleware
+from app.http.tracing import TracingUnavailableError, tracing_middleware
 from app.logs import configure_logging, log_handler, request_id_var, tenant_id_var
 from app.settings import ServerSettings, Settings, TracingSettings
 
@@ -119,7 +119,7 @@ def test_tracing_refuses_to_start_without_its_packages(monkeypatch: pytest.Monke
 
 def test_serve_exits_with_the_reason_when_tracing_packages_are_missing() -> None:
     script = ("import sys; sys.modules['opentelemetry.sdk.trace'] = None; "
-              "sys.argv = ['tenantrag', 'serve']; from app.cli import main; main()")
+              "sys.argv = ['tenantrag', 'serve']; from app.server.cli import main; main()")
     env = {**os.environ, "APP_ENV": "test", "DATABASE_URL": "postgresql://u@127.0.0.1:1/db",
            "REDIS_URL": "redis://127.0.0.1:1/0",
            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.inference.pools import PoolsConfigError, load_pools, parse_pools
 from app.inference.replica import CircuitBreaker, Replica
+from app.observability.metrics import ServiceMetrics
 from app.quotas.costs import CostRule, ModelPrice, gpu_cost, request_cost, token_cost
-from app.quotas.metrics import ServiceMetrics
 
 PRICE = ModelPrice(prompt_per_mtok=Decimal("1.5"), completion_per_mtok=Decimal("6"),
                    cached_prompt_per_mtok=Decimal("0.3"))

@@ -12,14 +12,14 @@ from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
-from app.api.csv_export import csv_response
-from app.api.guards import platform_only, requires_scope, tenant_of
-from app.api.openapi import also_answering
 from app.auth.keys import Scope
 from app.domain.audit.schemas import AuditPage, AuditQuery
 from app.domain.audit.service import AuditService
+from app.domain.usage.controllers import Format, From, To
 from app.errors import BadRequestError
-from app.quotas.reports import Format, From, To
+from app.http.csv_export import csv_response
+from app.http.guards import platform_only, requires_scope, tenant_of
+from app.http.openapi import also_answering
 
 AnyRequest = Request[Any, Any, Any]
 Limit = FromQuery[Annotated[int, QueryParameter(ge=1, le=500)]]

@@ -14,8 +14,6 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from app.db.models import AuditEvent
 from app.logs import request_id_var
 
-OPERATOR = "operator"
-CLI = "cli"
 # Never a detail's name: an audit row must not carry key material or its hash.
 _SECRET_NAMES = frozenset({"key", "plaintext", "secret", "secret_hash", "password"})
 
@@ -38,11 +36,6 @@ class AuditAction(enum.StrEnum):
     document_deleted = "document.deleted"
     embed_origins_changed = "embed_origins.changed"
     content_rules_changed = "content_rules.changed"
-
-
-def key_actor(key_id: uuid.UUID) -> str:
-    """How the log names a tenant API key acting."""
-    return f"key:{key_id}"
 
 
 def record_audit(

@@ -14,15 +14,15 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict
 
-from app.api.cors import header_of
-from app.api.guards import chat_or_embed, chat_tenant_of, embed_of, tenant_row
-from app.api.openapi import also_answering, problems
-from app.api.paging import Offset
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.replay import StoredAnswer
 from app.domain.chat.schemas import ChatCompletionRequest
 from app.domain.chat.service import ChatService
 from app.errors import BadRequestError, PermissionDeniedError, UpstreamError
+from app.http.cors import header_of
+from app.http.guards import chat_or_embed, chat_tenant_of, embed_of, tenant_row
+from app.http.openapi import also_answering, problems
+from app.http.paging import Offset
 
 AnyRequest = Request[Any, Any, Any]
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
@@ -44,7 +44,7 @@ async def chat_completions(
     chat: NamedDependency[ChatService],
 ) -> Response[Any]:
     """Answer with citations, streamed or whole. (The API serves this route from
-    app/api/fast_chat.py, outside Litestar's layers, unless tracing is on; both call
+    app/server/fast_chat.py, outside Litestar's layers, unless tracing is on; both call
     :func:`answer_chat`.)"""
     # One dependency: Litestar resolves two or more in a task group of their own.
     return await answer_chat(request, data, chat)

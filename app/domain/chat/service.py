@@ -34,7 +34,6 @@ from app.domain.chat.schemas import ChatCompletionRequest, Citation
 from app.domain.content_rules.service import ContentRulesService
 from app.domain.search.schemas import RetrievedChunk
 from app.domain.search.service import SearchService
-from app.domain.tenants.limits import effective_limit
 from app.domain.tenants.service import TenantService
 from app.errors import (
     BadRequestError,
@@ -55,8 +54,9 @@ from app.inference.dispatcher import (
     Dispatcher,
     TenantRoute,
 )
+from app.observability.metrics import ServiceMetrics
 from app.quotas.limiter import Claim, LeaseKeeper, Limits, RateLimiter, Ticket
-from app.quotas.metrics import ServiceMetrics
+from app.quotas.policy import effective_limit
 from app.quotas.usage import CHAT, UsageService
 from app.quotas.usage_writer import UsageEventQuarantinedError, UsageRow
 from app.settings import ChatSettings, LlmSettings

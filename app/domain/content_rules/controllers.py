@@ -8,8 +8,6 @@ from litestar import Request, get, put
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, QueryParameter
 
-from app.api.guards import actor_of, requires_scope, tenant_of
-from app.api.paging import Offset
 from app.auth.keys import Scope
 from app.domain.content_rules.schemas import (
     ContentRuleHitOut,
@@ -18,6 +16,8 @@ from app.domain.content_rules.schemas import (
     ContentRulesOut,
 )
 from app.domain.content_rules.service import ContentRulesService
+from app.http.guards import actor_of, requires_scope, tenant_of
+from app.http.paging import Offset
 
 AnyRequest = Request[Any, Any, Any]
 ADMIN = requires_scope(Scope.admin)

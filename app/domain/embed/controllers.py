@@ -9,12 +9,12 @@ from litestar import Request, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
-from app.api.guards import actor_of, requires_scope, tenant_of
-from app.api.openapi import problems
 from app.auth.keys import Scope
 from app.auth.principal import TenantPrincipal
 from app.domain.embed.schemas import EmbedSettings, EmbedToken, EmbedTokenRequest
 from app.domain.embed.service import EmbedService
+from app.http.guards import actor_of, requires_scope, tenant_of
+from app.http.openapi import problems
 
 AnyRequest = Request[Any, Any, Any]
 ADMIN = requires_scope(Scope.admin)

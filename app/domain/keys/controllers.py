@@ -10,7 +10,6 @@ from litestar import Controller, Request, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
-from app.api.guards import grantor_of, platform_only, requires_scope, tenant_of
 from app.auth.keys import Scope
 from app.domain.keys.schemas import (
     ApiKeyCreate,
@@ -21,6 +20,7 @@ from app.domain.keys.schemas import (
     ApiKeyRotated,
 )
 from app.domain.keys.service import ApiKeyService
+from app.http.guards import grantor_of, platform_only, requires_scope, tenant_of
 
 AnyRequest = Request[Any, Any, Any]
 

@@ -11,10 +11,6 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from app.api.guards import actor_of, requires_scope, tenant_of
-from app.api.openapi import problems
-from app.api.paging import Offset
-from app.api.uploads import read_upload
 from app.auth.keys import Scope
 from app.db.models import DocumentStatus
 from app.domain.knowledge.document_service import DocumentService
@@ -29,6 +25,10 @@ from app.domain.knowledge.schemas import (
     UploadedDocument,
     UploadResult,
 )
+from app.domain.knowledge.uploads import read_upload
+from app.http.guards import actor_of, requires_scope, tenant_of
+from app.http.openapi import problems
+from app.http.paging import Offset
 
 AnyRequest = Request[Any, Any, Any]
 KB_WRITE = requires_scope(Scope.admin)

@@ -21,7 +21,6 @@ from app.db.models import Document, DocumentContent, DocumentStatus, Tenant, utc
 from app.domain.audit.records import AuditAction, record_audit
 from app.domain.knowledge import embedding_quota, unsettled
 from app.domain.knowledge.kb_service import get_kb
-from app.domain.tenants.limits import effective_limit
 from app.errors import (
     InvalidInputError,
     NotFoundError,
@@ -30,6 +29,7 @@ from app.errors import (
     UnsupportedMediaError,
 )
 from app.outbox import DELETE_DOCUMENT_POINTS, INGEST_DOCUMENT, enqueue
+from app.quotas.policy import effective_limit
 from app.settings import IngestSettings
 from ingestion import (
     EmptyDocumentError,

@@ -21,9 +21,9 @@ from sqlalchemy import func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.models import Document, DocumentStatus, Tenant, UsageEvent, utcnow
-from app.domain.tenants.limits import QuotaField, effective_limit
 from app.errors import MonthlyQuotaExceededError
 from app.quotas.limiter import period_of
+from app.quotas.policy import QuotaField, effective_limit
 from app.quotas.usage import EMBEDDING
 
 QUOTA: QuotaField = "monthly_embedding_tokens"

@@ -23,10 +23,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from app.db.engine import Database
 from app.db.models import Document, DocumentContent, DocumentStatus, Tenant, UsageEvent, utcnow
 from app.domain.knowledge import embedding_quota, unsettled
-from app.domain.tenants.limits import effective_limit
 from app.embeddings import Models
 from app.outbox import DELETE_STALE_VERSIONS, enqueue
 from app.quotas.costs import ModelPrice, token_cost
+from app.quotas.policy import effective_limit
 from app.quotas.usage import EMBEDDING, add_event
 from app.settings import IngestSettings
 from ingestion import (

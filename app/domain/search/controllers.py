@@ -8,11 +8,11 @@ from litestar import Request, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
-from app.api.guards import requires_scope, tenant_of
-from app.api.openapi import problems
 from app.auth.keys import Scope
 from app.domain.search.schemas import RetrieveRequest, RetrieveResponse
 from app.domain.search.service import SearchService
+from app.http.guards import requires_scope, tenant_of
+from app.http.openapi import problems
 
 
 @post("/v1/retrieve", status_code=200, tags=["retrieval"], summary="Search the knowledge bases",

@@ -13,15 +13,6 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict
 
-from app.api.guards import (
-    actor_of,
-    chat_or_embed,
-    chat_tenant_of,
-    requires_scope,
-    tenant_of,
-    tenant_row,
-)
-from app.api.paging import Offset
 from app.auth.keys import Scope
 from app.auth.principal import TenantPrincipal
 from app.db.models import SystemMessagePolicy, SystemPromptVersion, Tenant, Tier
@@ -29,6 +20,15 @@ from app.domain.chat.service import allowed_models
 from app.domain.tenants.prompts import PromptService
 from app.domain.tenants.schemas import SystemPrompt
 from app.domain.tenants.service import TenantService
+from app.http.guards import (
+    actor_of,
+    chat_or_embed,
+    chat_tenant_of,
+    requires_scope,
+    tenant_of,
+    tenant_row,
+)
+from app.http.paging import Offset
 from app.inference.dispatcher import Dispatcher
 from app.settings import Settings
 

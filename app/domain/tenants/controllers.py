@@ -9,12 +9,12 @@ from litestar import Controller, Request, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from app.api.guards import actor_of, platform_only
-from app.api.openapi import problems
-from app.api.paging import Offset
 from app.db.models import TenantStatus
 from app.domain.tenants.schemas import TenantCreate, TenantOut, TenantPage, TenantUpdate
 from app.domain.tenants.service import TenantService
+from app.http.guards import actor_of, platform_only
+from app.http.openapi import problems
+from app.http.paging import Offset
 
 AnyRequest = Request[Any, Any, Any]
 

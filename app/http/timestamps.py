@@ -6,7 +6,7 @@ and the database compares in UTC: such a value used to fail deep in a route or t
 driver (500, or 503 "database unavailable"). Declared as :data:`UtcDateTime`, a query
 parameter is parsed, checked and converted before the route runs; what fails is the
 client's 400 naming the parameter (Litestar's validation errors, whose keys
-``app.api.problems`` turns into the names the client sent).
+``app.http.problems`` turns into the names the client sent).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any
 from litestar import get
 from litestar.di import NamedDependency
 
-from app.api.guards import platform_only
+from app.http.guards import platform_only
 from app.inference.dispatcher import Dispatcher
 
 

@@ -17,7 +17,6 @@ from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from app.api.cors import cors_headers, error_origin_var
 from app.errors import (
     AuthenticationError,
     BadRequestError,
@@ -35,6 +34,7 @@ from app.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from app.http.cors import cors_headers, error_origin_var
 from app.logs import request_id_var
 
 log = logging.getLogger(__name__)

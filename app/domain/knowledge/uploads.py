@@ -18,10 +18,10 @@ from litestar.exceptions import ClientException
 from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
 from pydantic import TypeAdapter, ValidationError
 
-from app.api.bodies import decode_json
 from app.domain.knowledge.document_service import IncomingFile
 from app.domain.knowledge.schemas import ExternalId, Filename, Metadata, TextUpload
 from app.errors import BadRequestError, InvalidInputError, PayloadTooLargeError
+from app.http.bodies import decode_json
 
 # The charsets a text field may name (Python's codec names): the Unicode ones and the
 # common legacy ones, all decoded in linear time to valid text. Others are refused:

@@ -4,7 +4,7 @@ Litestar's decoder turns malformed JSON into a 400, but two inputs escape it as 
 nesting deeper than the decoder's stack (``[`` x 100,000 raises ``RecursionError``) and
 bytes that are not UTF-8 (``UnicodeDecodeError``). :func:`decode_json` refuses all three
 as the client's 400, naming what was sent; :class:`ApiRequest` (the app's request class)
-and the chat endpoint (app/api/fast_chat.py, which reads its body itself) both use it.
+and the chat endpoint (app/server/fast_chat.py, which reads its body itself) both use it.
 msgspec also refuses lone surrogates (``"\\ud800"``), which no database column stores.
 """
 

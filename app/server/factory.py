@@ -19,14 +19,6 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from app.api.auth import PUBLIC_PATHS, ApiKeyMiddleware
-from app.api.bodies import ApiRequest
-from app.api.cors import AllowedOrigins, CorsMiddleware
-from app.api.fast_chat import ChatEndpoint, is_chat_request
-from app.api.openapi import document_problems
-from app.api.problems import EXCEPTION_HANDLERS
-from app.api.request_context import request_middleware
-from app.api.timestamps import UtcDateTimeSchema, decode_utc, is_utc_datetime
 from app.auth.authenticator import ApiKeyAuthenticator
 from app.auth.cache import CredentialCache, CredentialChangeListener, credential_owner
 from app.auth.embed import EmbedTokenSigner
@@ -54,6 +46,7 @@ from app.domain.keys.service import ApiKeyService
 from app.domain.knowledge.controllers import KnowledgeBaseController
 from app.domain.knowledge.document_service import DocumentService
 from app.domain.knowledge.kb_service import KnowledgeBaseService
+from app.domain.pools.controllers import list_pools
 from app.domain.search.controllers import retrieve
 from app.domain.search.service import SearchService
 from app.domain.system.controllers import healthz, readyz
@@ -67,20 +60,27 @@ from app.domain.tenant_self.controllers import (
 from app.domain.tenants.controllers import TenantAdminController
 from app.domain.tenants.prompts import PromptService
 from app.domain.tenants.service import TenantService
+from app.domain.usage.controllers import admin_usage, tenant_usage
+from app.domain.usage.quarantine import admin_usage_quarantine
 from app.embeddings import Models, check_vector_size, load_models
 from app.errors import ServiceUnavailableError
 from app.hardening import refuse_inspection
-from app.inference.controllers import list_pools
+from app.http.auth import PUBLIC_PATHS, ApiKeyMiddleware
+from app.http.bodies import ApiRequest
+from app.http.cors import AllowedOrigins, CorsMiddleware
+from app.http.openapi import document_problems
+from app.http.problems import EXCEPTION_HANDLERS
+from app.http.request_context import request_middleware
+from app.http.timestamps import UtcDateTimeSchema, decode_utc, is_utc_datetime
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import configured_pools
+from app.observability.metrics import DispatchCollector, ServiceMetrics
+from app.observability.routes import prometheus_metrics
 from app.quotas.limiter import RateLimiter
-from app.quotas.metrics import DispatchCollector, ServiceMetrics
-from app.quotas.metrics_route import prometheus_metrics
 from app.quotas.pipe import RedisPipe
-from app.quotas.quarantine import admin_usage_quarantine
-from app.quotas.reports import admin_usage, tenant_usage
 from app.quotas.usage import UsageService
 from app.quotas.usage_writer import UsageWriter
+from app.server.fast_chat import ChatEndpoint, is_chat_request
 from app.settings import Settings
 from app.stores import vector_store_config
 from retrieval.rerank import Reranker
@@ -283,7 +283,7 @@ def provide_chat(state: State) -> ChatService:
 
 class Api(Litestar):
     """The Litestar app, with ``POST /v1/chat/completions`` answered by ``fast_chat``
-    (outside Litestar's layers: app/api/fast_chat.py) when it is set."""
+    (outside Litestar's layers: app/server/fast_chat.py) when it is set."""
 
     fast_chat: ChatEndpoint | None = None
 
@@ -342,7 +342,7 @@ def create_app(
         lifespan=[_lifespan(settings, extra_lifespans, models)],
         openapi_config=openapi,
         request_max_body_size=settings.server.max_request_bytes,
-        request_class=ApiRequest,  # JSON bodies decoded in one place (app/api/bodies.py)
+        request_class=ApiRequest,  # JSON bodies decoded in one place (app/http/bodies.py)
         type_decoders=[(is_utc_datetime, decode_utc)],  # date-time query parameters
         plugins=[UtcDateTimeSchema()],
         state=State({"settings": settings}),

@@ -18,9 +18,9 @@ from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import status_for
-from app.api.tracing import tracing_middleware
 from app.errors import DomainError
+from app.http.problems import status_for
+from app.http.tracing import tracing_middleware
 from app.ids import new_id
 from app.logs import request_id_var, tenant_id_var
 from app.settings import Settings
@@ -81,7 +81,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
             # Answered by the app's exception handler, outside this middleware: the ids
-            # stay set for its log line and its response (app/api/problems.py).
+            # stay set for its log line and its response (app/http/problems.py).
             log_access(scope, _status_of(exc), started)
             raise
         log_access(scope, status, started)

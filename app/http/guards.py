@@ -10,9 +10,14 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from app.auth.keys import Grantor, Scope
-from app.auth.principal import EmbedPrincipal, PlatformPrincipal, TenantPrincipal
+from app.auth.principal import (
+    OPERATOR,
+    EmbedPrincipal,
+    PlatformPrincipal,
+    TenantPrincipal,
+    key_actor,
+)
 from app.db.models import Tenant
-from app.domain.audit.records import OPERATOR, key_actor
 from app.errors import AuthenticationError, PermissionDeniedError
 
 # Guards are coroutines: Litestar runs a plain function guard in a worker thread.

@@ -10,7 +10,7 @@ from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.errors import AuthenticationError
-from app.quotas.metrics import ServiceMetrics
+from app.observability.metrics import ServiceMetrics
 from app.settings import Settings
 
 

@@ -1,6 +1,6 @@
 """Usage reports: ``GET /v1/usage`` (a tenant's own, ``admin`` scope) and
 ``GET /admin/usage`` (the operator, across tenants), as JSON or CSV (text cells a
-spreadsheet would run as formulas are quoted: app/api/csv_export.py)."""
+spreadsheet would run as formulas are quoted: app/http/csv_export.py)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from litestar.params import FromQuery, QueryParameter
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from app.api.csv_export import csv_response
-from app.api.guards import platform_only, requires_scope, tenant_of
-from app.api.openapi import also_answering
-from app.api.timestamps import UtcDateTime
 from app.auth.keys import Scope
 from app.db.engine import Database
 from app.db.models import Tenant, UsageEvent
 from app.errors import BadRequestError
+from app.http.csv_export import csv_response
+from app.http.guards import platform_only, requires_scope, tenant_of
+from app.http.openapi import also_answering
+from app.http.timestamps import UtcDateTime
 
 AnyRequest = Request[Any, Any, Any]
 MAX_SPAN = timedelta(days=366)

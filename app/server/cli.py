@@ -19,28 +19,28 @@ import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 
-from app.api.factory import create_app
-from app.api.http_protocol import OneWriteHttpToolsProtocol
-from app.api.tracing import TracingUnavailableError
 from app.auth.keys import Grantor, Scope
+from app.auth.principal import CLI
 from app.db.engine import Database, make_engine
 from app.db.migrate import migrate
 from app.db.models import Tier
-from app.devstack import (
+from app.devstack.embedded import EmbeddedStack
+from app.devstack.stack import (
     attach_to_running_stack,
     remove_stack_file,
     with_folder_secrets,
     write_stack_file,
 )
-from app.domain.audit.records import CLI
 from app.domain.keys.schemas import ApiKeyCreate, ApiKeyCreated
 from app.domain.keys.service import ApiKeyService
 from app.domain.tenants.schemas import TenantCreate
 from app.domain.tenants.service import TenantService
-from app.embedded import EmbeddedStack
 from app.errors import DomainError
+from app.http.tracing import TracingUnavailableError
 from app.ingest_client import FolderIngester, print_summary
 from app.logs import configure_logging
+from app.server.factory import create_app
+from app.server.http_protocol import OneWriteHttpToolsProtocol
 from app.settings import DatabaseSettings, ServerSettings, Settings, load_settings
 
 T = TypeVar("T")
@@ -74,8 +74,8 @@ def _serve(settings: Settings) -> None:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
     # Our logging (app/logs.py) formats uvicorn's lines too; the access log is ours
-    # (app/api/request_context.py), with the request and tenant ids.
-    # A response's head and body leave in one write (app/api/http_protocol.py).
+    # (app/http/request_context.py), with the request and tenant ids.
+    # A response's head and body leave in one write (app/server/http_protocol.py).
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
                             log_config=None, access_log=False, lifespan="on",
                             http=OneWriteHttpToolsProtocol)
@@ -149,7 +149,7 @@ def dev(port: Annotated[int, typer.Option(help="HTTP port")] = 8000) -> None:
 def _start_local_vllm(servers: contextlib.ExitStack, data_dir: Path) -> str:
     """The default generation server of the dev stack: vLLM on the CPU with SmolLM2-135M
     (installed into ``.cache/vllm`` on first use, several minutes; then reused)."""
-    from app.llm.local_vllm import LocalVLLM, default_cache_dir, prepare
+    from app.devstack.local_vllm import LocalVLLM, default_cache_dir, prepare
 
     typer.echo("preparing the local vLLM server (the first time installs it: minutes)...",
                err=True)

@@ -9,9 +9,9 @@ one route itself, with the same pieces the Litestar route uses and in the same o
 1. the request id and the access log line (as ``RequestContextMiddleware``);
 2. CORS for browser pages (as ``CorsMiddleware``; a preflight is an OPTIONS request,
    which Litestar still answers);
-3. the API key or embed token (:func:`app.api.auth.authenticate_bearer`) and the chat
-   guard (:func:`app.api.guards.chat_or_embed`);
-4. the body: the size limit, JSON (:func:`app.api.bodies.decode_json`, as Litestar's
+3. the API key or embed token (:func:`app.http.auth.authenticate_bearer`) and the chat
+   guard (:func:`app.http.guards.chat_or_embed`);
+4. the body: the size limit, JSON (:func:`app.http.bodies.decode_json`, as Litestar's
    routes), and the same validation as Litestar's, with the same error shape;
 5. :func:`app.domain.chat.controllers.answer_chat`, which the Litestar route calls too;
 6. errors through the same exception handlers (problem+json).
@@ -42,15 +42,15 @@ from litestar.types import (
 )
 from pydantic import ValidationError
 
-from app.api.auth import authenticate_bearer
-from app.api.bodies import decode_json
-from app.api.cors import allowed_origins_of, cors_headers, error_origin_var, readable
-from app.api.guards import chat_or_embed
-from app.api.problems import EXCEPTION_HANDLERS, validation_failed
-from app.api.request_context import log_access, request_id_from
 from app.domain.chat.controllers import answer_chat
 from app.domain.chat.schemas import ChatCompletionRequest
 from app.domain.chat.service import ChatService
+from app.http.auth import authenticate_bearer
+from app.http.bodies import decode_json
+from app.http.cors import allowed_origins_of, cors_headers, error_origin_var, readable
+from app.http.guards import chat_or_embed
+from app.http.problems import EXCEPTION_HANDLERS, validation_failed
+from app.http.request_context import log_access, request_id_from
 from app.logs import request_id_var, tenant_id_var
 
 if TYPE_CHECKING:

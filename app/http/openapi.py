@@ -17,8 +17,8 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType
 from litestar.routes import HTTPRoute
 from pydantic import BaseModel, ConfigDict
 
-from app.api.auth import PUBLIC_PATHS
-from app.api.problems import PROBLEM_JSON
+from app.http.auth import PUBLIC_PATHS
+from app.http.problems import PROBLEM_JSON
 
 DESCRIPTIONS = {
     400: "Malformed or invalid request (`errors` names each bad field)",

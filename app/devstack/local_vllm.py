@@ -26,7 +26,7 @@ appended to ``<data_dir>/vllm.log``::
     with LocalVLLM(prepare(default_cache_dir()), Path(".data")) as server:
         server.base_url  # http://127.0.0.1:PORT/v1
 
-``python -m app.llm.local_vllm prepare`` prepares; ``... serve`` also runs the server in the
+``python -m app.devstack.local_vllm prepare`` prepares; ``... serve`` also runs the server in the
 foreground until Ctrl-C.
 """
 
@@ -52,7 +52,7 @@ from typing import Self
 import httpx
 import psutil
 
-from app.embedded import (
+from app.devstack.embedded import (
     _STOP_TIMEOUT_S,
     EmbeddedServiceError,
     _EmbeddedServer,
@@ -411,7 +411,7 @@ def _running(proc: psutil.Process) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """``prepare`` the vLLM environment, or ``serve`` it in the foreground until Ctrl-C."""
     parser = argparse.ArgumentParser(
-        prog="python -m app.llm.local_vllm", description="The local vLLM CPU server."
+        prog="python -m app.devstack.local_vllm", description="The local vLLM CPU server."
     )
     parser.add_argument(
         "--cache-dir",

@@ -1,1 +1,0 @@
-"""HTTP layer: app factory, auth middleware, error mapping, controllers."""

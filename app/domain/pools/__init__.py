@@ -1,0 +1,1 @@
+"""The operator's view of the generation pools (``GET /admin/pools``)."""
