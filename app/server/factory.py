@@ -350,6 +350,7 @@ def create_app(
         logging_config=None,  # the process's logging is app/logs.py's (JSON lines, ids)
     )
     document_problems(app)
-    if not settings.tracing.exporter_otlp_endpoint:  # with tracing: Litestar's route, spans
+    # With tracing on, Litestar's route serves chat (its requests get server spans).
+    if settings.server.fast_chat and not settings.tracing.exporter_otlp_endpoint:
         app.fast_chat = ChatEndpoint(app, provide_chat, settings.server.max_request_bytes)
     return app
