@@ -218,7 +218,9 @@ def measure(args: argparse.Namespace, work: Path, db_url: str, redis_url: str,
     if args.litestar_route:  # the same app and tenant, chat by Litestar's own route
         route_port = free_port()
         procs.append(spawn([tenantrag, "serve", "--port", str(route_port)],
-                           {**app_env, "APP_FAST_CHAT": "false"}, work / "app-litestar.log"))
+                           {**app_env, "APP_FAST_CHAT": "false",  # its own shard folder
+                            "APP_DATA_DIR": str(work / "data-litestar")},
+                           work / "app-litestar.log"))
         route = f"http://127.0.0.1:{route_port}"
         wait_http(f"{route}/healthz", procs[-1], work / "app-litestar.log")
         targets["app-litestar"] = (f"{route}/v1/chat/completions",
