@@ -41,6 +41,7 @@ from app.http.openapi import document_problems
 from app.http.problems import EXCEPTION_HANDLERS
 from app.http.request_context import request_middleware
 from app.http.timestamps import UtcDateTimeSchema, decode_utc, is_utc_datetime
+from app.server.chat_pipeline import check_middleware
 from app.server.clients import build_chat, open_clients
 from app.server.fast_chat import ChatEndpoint, is_chat_request
 from app.settings import Settings
@@ -157,5 +158,6 @@ def create_app(
     document_problems(app)
     # With tracing on, Litestar's route serves chat (its requests get server spans).
     if settings.server.fast_chat and not settings.tracing.exporter_otlp_endpoint:
+        check_middleware(app.middleware)  # the fast door runs exactly these (loudly if not)
         app.fast_chat = ChatEndpoint(app, provide_chat, settings.server.max_request_bytes)
     return app
