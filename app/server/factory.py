@@ -1,4 +1,6 @@
-"""The Litestar app factory: routes, dependencies, errors, and the clients' lifespan."""
+"""The Litestar app factory: each area's routes and providers (its package's ``ROUTES``
+and ``DEPENDENCIES``, listed in :data:`AREAS`), errors, the middleware, the lifespan that
+opens the clients (app/server/clients.py), and the fast chat door when it is on."""
 
 from __future__ import annotations
 
