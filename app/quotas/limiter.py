@@ -32,9 +32,9 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any, get_args, get_type_hints
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -57,8 +57,11 @@ from app.quotas.scripts import (
     Commands,
     LuaScript,
     Window,
+    WindowRow,
     fixed_keys,
+    tenant_prefix,
     window_key,
+    windows_of,
 )
 
 log = logging.getLogger(__name__)
@@ -87,23 +90,6 @@ class Limits:
     monthly_calls: Annotated[int | None, Window(
         "monthly_calls", "calls", "monthly call quota", span_s=PERIOD,
         refusal="monthly_calls_exhausted")] = None
-
-
-def windows_of(kind: type[Limits]) -> tuple[tuple[str, Window], ...]:
-    """The window limits of a ``Limits`` class: (field name, its ``Window``), in field
-    order (the order ``ADMIT`` checks them)."""
-    hints = get_type_hints(kind, include_extras=True)
-    return tuple((f.name, w) for f in fields(kind)
-                 for w in get_args(hints[f.name])[1:] if isinstance(w, Window))
-
-
-@dataclass(frozen=True)
-class Applied:
-    """A window limit that applies to this request, with its limit."""
-
-    window: Window
-    limit: int
-    key: str
 
 
 @dataclass(frozen=True)
@@ -164,7 +150,7 @@ class RateLimiter:
         # them (once) and asks again, so a client's next request never finds its own
         # finished one still holding a slot or tokens.
         self._settling: dict[uuid.UUID, set[asyncio.Future[Any]]] = {}
-        self._windows: dict[type[Limits], tuple[tuple[str, Window], ...]] = {}
+        self._windows: dict[type, tuple[tuple[str, Window], ...]] = {}
         runner: Commands = scripts or redis
         self._admit = LuaScript(runner, ADMIT)
         self._settle = LuaScript(runner, SETTLE)
@@ -174,16 +160,18 @@ class RateLimiter:
              request_id: str | None = None) -> list[str]:
         """The scripts' six fixed keys of a tenant (and end user), all in one cluster
         slot (``scripts.FIXED_KEYS``: e.g. ``keys(...)[BUDGET]`` is the period's budget)."""
-        return fixed_keys(self.namespace, tenant_id, user, period, request_id)
+        return fixed_keys(tenant_prefix(self.namespace, tenant_id), user, period, request_id)
 
     def applied(self, tenant_id: uuid.UUID, user: str, period: str,
-                limits: Limits) -> list[Applied]:
+                limits: Limits) -> list[WindowRow]:
         """The window limits that apply to this request: those set, per end user only
         when the request names one; each with its counter's key."""
+        return self._rows(tenant_prefix(self.namespace, tenant_id), user, period, limits)
+
+    def _rows(self, t: str, user: str, period: str, limits: Limits) -> list[WindowRow]:
         kind = type(limits)
         table = self._windows.get(kind) or self._windows.setdefault(kind, windows_of(kind))
-        return [Applied(w, limit, window_key(self.namespace, tenant_id, user, period, w))
-                for name, w in table
+        return [WindowRow(w, limit, window_key(t, user, period, w)) for name, w in table
                 if (limit := getattr(limits, name)) is not None and (user or not w.per_user)]
 
     async def admit(self, tenant_id: uuid.UUID, user: str, limits: Limits, cost: int,
@@ -200,8 +188,9 @@ class RateLimiter:
         wall = self.clock()
         now = datetime.fromtimestamp(wall, UTC)
         period = period_of(now)
-        keys = self.keys(tenant_id, user, period, claim.request_id if claim else None)
-        rows = self.applied(tenant_id, user, period, limits)
+        t = tenant_prefix(self.namespace, tenant_id)
+        keys = fixed_keys(t, user, period, claim.request_id if claim else None)
+        rows = self._rows(t, user, period, limits)
         lease = new_id()
         now_ms = int(wall * 1000)
         period_ttl = seconds_to_next_period(now) + 7 * 86400
@@ -209,10 +198,15 @@ class RateLimiter:
             now_ms, cost, lease, int(self.lease_ttl_s * 1000), _n(limits.concurrency),
             _n(limits.user_concurrency if user else None), _n(limits.budget), period_ttl,
             claim.body_hash if claim else ""]
-        for row in rows:
-            argv += [row.limit, cost if row.window.tokens else 1, row.window.span_s]
+        token_windows: list[tuple[str, int]] = []
+        for w, limit, key in rows:
+            if w.tokens:
+                argv += (limit, cost, w.span_s)
+                token_windows.append((key, w.span_s))
+            else:
+                argv += (limit, 1, w.span_s)
         ticket = Ticket(tenant_id, user, lease, now_ms // 1000, cost, period, keys,
-                        [(r.key, r.window.span_s) for r in rows if r.window.tokens])
+                        token_windows)
         try:
             result = await self._ask(ticket, [*keys, *(r.key for r in rows)], argv, rows,
                                      lambda: load_budget_used(period), period_ttl)
@@ -238,7 +232,7 @@ class RateLimiter:
         raise _refusal(code, result, rows, limits, now)
 
     async def _ask(self, ticket: Ticket, keys: list[str], argv: list[int | str],
-                   rows: list[Applied], load_budget_used: Callable[[], Awaitable[int]],
+                   rows: list[WindowRow], load_budget_used: Callable[[], Awaitable[int]],
                    period_ttl: int) -> list[Any]:
         """``ADMIT``'s answer: after rebuilding a lost budget counter, and after the
         tenant's settlements under way if one of them could turn a refusal around."""
@@ -343,7 +337,7 @@ def _idempotent(ticket: Ticket, code: int, result: list[Any]) -> Ticket:
     return ticket
 
 
-def _refusal(code: int, result: list[Any], rows: list[Applied], limits: Limits,
+def _refusal(code: int, result: list[Any], rows: list[WindowRow], limits: Limits,
              now: datetime) -> RateLimitedError:
     """The 429 for ``ADMIT``'s refusal ``code``: a window limit (a sliding window's
     retry is the script's, a period's is the next month), concurrency or the budget."""
@@ -367,7 +361,7 @@ def _refusal(code: int, result: list[Any], rows: list[Applied], limits: Limits,
         code="budget_exhausted", limit="budget", retry_after_s=seconds_to_next_period(now))
 
 
-def _settling_may_change(result: list[Any], rows: list[Applied]) -> bool:
+def _settling_may_change(result: list[Any], rows: list[WindowRow]) -> bool:
     """A refusal that a settlement under way could turn around: concurrency (it frees a
     slot), a window counting tokens or the budget (it replaces a reservation by what was
     used), a request id still claimed (it stores the answer to replay). Windows counting
@@ -386,7 +380,7 @@ def _n(value: int | None) -> int:
     return UNLIMITED if value is None else int(value)
 
 
-def _headers(rows: list[Applied], result: list[int]) -> dict[str, str]:
+def _headers(rows: list[WindowRow], result: list[int]) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-*`` headers for the windows that have them (the tenant's
     requests and tokens per minute): ``ADMIT`` answers each window's remaining and reset."""
     headers: dict[str, str] = {}

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple, Protocol, get_args, get_type_hints
 
 from redis.exceptions import NoScriptError
 
@@ -42,6 +42,23 @@ class Window:
     span_s: int = WINDOW_S  # a sliding window of this many seconds, or PERIOD
     refusal: str = "rate_limited"  # the 429's code
     header: str | None = None  # OpenAI's x-ratelimit-*-<header>, if it has them
+
+
+def windows_of(kind: type) -> tuple[tuple[str, Window], ...]:
+    """The window limits of a ``Limits`` dataclass: (field name, its ``Window``), in
+    field order (the order ``ADMIT`` checks them)."""
+    hints = get_type_hints(kind, include_extras=True)
+    return tuple((f.name, w) for f in fields(kind)
+                 for w in get_args(hints[f.name])[1:] if isinstance(w, Window))
+
+
+class WindowRow(NamedTuple):
+    """A row of ADMIT's table for one request: a window limit that applies, its limit
+    and its counter's key."""
+
+    window: Window
+    limit: int
+    key: str
 
 
 # KEYS: 1 tenant leases, 2 end user leases, 3 budget, 4 reservation expiries,
@@ -223,23 +240,20 @@ def tenant_prefix(namespace: str, tenant_id: object) -> str:
     return f"{namespace}:{{{tenant_id}}}"
 
 
-def fixed_keys(namespace: str, tenant_id: object, user: str, period: str,
-               request_id: str | None) -> list[str]:
-    """The six fixed keys of a tenant (and end user), in ``FIXED_KEYS``' order. Without
-    a request id the idempotency slot names a key no request id can have."""
-    t = tenant_prefix(namespace, tenant_id)
+def fixed_keys(t: str, user: str, period: str, request_id: str | None) -> list[str]:
+    """The six fixed keys of a tenant (prefix ``t``) and end user, in ``FIXED_KEYS``'
+    order. Without a request id the idempotency slot names a key no request id can have."""
     u = f"{t}:u:{user}"
     idem = f"{t}:idem:{request_id}" if request_id is not None else f"{t}:idem"
     return [f"{t}:conc", f"{u}:conc", f"{t}:budget:{period}", f"{t}:res:exp",
             f"{t}:res:cost", idem]
 
 
-def window_key(namespace: str, tenant_id: object, user: str, period: str,
-               window: Window) -> str:
-    """The counter of ``window`` for this tenant (or end user); a period's counter names
-    its period, so the next month starts from zero. The sliding windows' names are those
-    of the running-total layout, which an older process in a rolling upgrade shares."""
-    t = tenant_prefix(namespace, tenant_id)
+def window_key(t: str, user: str, period: str, window: Window) -> str:
+    """The counter of ``window`` for a tenant (prefix ``t``) or its end user; a period's
+    counter names its period, so the next month starts from zero. The sliding windows'
+    names are those of the running-total layout, which an older process in a rolling
+    upgrade shares."""
     owner = f"{t}:u:{user}" if window.per_user else t
     return f"{owner}:{window.key}:{period}" if window.span_s == PERIOD else f"{owner}:{window.key}"
 

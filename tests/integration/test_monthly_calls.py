@@ -20,8 +20,8 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.errors import RateLimitedError
-from app.quotas.limiter import Limits, RateLimiter, period_of, seconds_to_next_period, windows_of
-from app.quotas.scripts import PERIOD, Window, window_key
+from app.quotas.limiter import Limits, RateLimiter, period_of, seconds_to_next_period
+from app.quotas.scripts import PERIOD, Window
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.integration.test_quotas import body, chat_tenant
@@ -54,9 +54,9 @@ async def http(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
 def calls_key(app: Litestar, tenant_id: str) -> str:
     """The tenant's monthly call counter in Redis."""
     limiter: RateLimiter = app.state.limiter
-    window = dict(windows_of(Limits))["monthly_calls"]
-    return window_key(limiter.namespace, uuid.UUID(tenant_id), "",
-                      period_of(datetime.now(UTC)), window)
+    row, = limiter.applied(uuid.UUID(tenant_id), "", period_of(datetime.now(UTC)),
+                           Limits(monthly_calls=1))
+    return row.key
 
 
 async def calls_counted(app: Litestar, tenant_id: str) -> int:

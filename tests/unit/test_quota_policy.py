@@ -9,9 +9,9 @@ from dataclasses import fields
 from typing import get_args
 
 from app.db.models import Tenant, Tier
-from app.quotas.limiter import Limits, RateLimiter, windows_of
+from app.quotas.limiter import Limits, RateLimiter
 from app.quotas.policy import LIMIT_COLUMNS, TIER_DEFAULTS, QuotaField, limits_for, output_cap
-from app.quotas.scripts import PERIOD, WINDOW_S
+from app.quotas.scripts import PERIOD, WINDOW_S, windows_of
 
 
 def test_every_tier_has_a_default_for_every_quota_and_every_limit_a_column() -> None:
