@@ -7,8 +7,8 @@ Admission (Redis from REDIS_URL, else the embedded stack):
   * floor: a Redis ``PING`` round trip, sequentially, through redis-py and through the
     limiter's pipelined connection (``RedisPipe``);
   * admit: ``RateLimiter.admit`` with every limit on (tenant and end-user RPM, TPM,
-    concurrency, monthly budget and calls), sequentially, then settled outside the timing; over
-    the pipe, as the API runs it, and over redis-py, side by side;
+    concurrency, monthly budget and calls), sequentially, then settled outside the
+    timing; over the pipe, as the API runs it, and over redis-py, side by side;
   * Redis round trips per admission (commands the client sends): the target is one;
   * admit + settle throughput with 64 concurrent callers.
 Write path (PostgreSQL from DATABASE_URL, else embedded; a scratch database):
