@@ -27,7 +27,7 @@ from app.domain.knowledge.pipeline import IngestPipeline, isolated_parser
 from app.domain.knowledge.sweeper import StuckDocumentSweeper
 from app.embeddings import Models, check_vector_size, load_models, parallel_embedding
 from app.hardening import refuse_inspection
-from app.inference.pools import configured_prices
+from app.inference.pools import configured_pricing
 from app.outbox import DELETE_STALE_VERSIONS, INGEST_DOCUMENT
 from app.settings import Settings
 from app.stores import open_database, open_store
@@ -126,7 +126,7 @@ class WorkerRuntime:
         parser = isolated_parser(s.ingest)
         self._stack.callback(parser.close)
         self.pipeline = IngestPipeline(self.db, self.store, models, s.ingest, batcher,
-                                       configured_prices(s), parser)
+                                       configured_pricing(s).prices, parser)
         self._relay = OutboxRelay(self.db, self.broker, {
             INGEST_DOCUMENT: {"time_limit": s.ingest.message_time_limit_s * 1000},
             DELETE_STALE_VERSIONS: {"delay": int(s.ingest.stale_version_grace_s * 1000)},

@@ -7,7 +7,9 @@ no code change; it is read at start.
 
 A pool is ``shared`` (serves the tiers it lists, every tier if none) or ``dedicated``
 (serves only the tenants it lists, by slug or id). ``region`` pins data residency: a
-tenant with a ``data_region`` is only ever routed to pools of that region.
+tenant with a ``data_region`` is only ever routed to pools of that region. ``routing``
+names how a pool picks the replica for a request (:class:`Routing`; the policies
+themselves are in :mod:`app.inference.routing`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pydantic import (
 )
 
 from app.db.models import Tier
-from app.quotas.costs import CostRule, ModelPrice, Price
+from app.quotas.costs import CostRule, ModelPrice, Price, Pricing
 from app.settings import Settings
 
 PoolName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -43,6 +45,13 @@ class PoolKind(enum.StrEnum):
 
     shared = "shared"
     dedicated = "dedicated"
+
+
+class Routing(enum.StrEnum):
+    """How a pool picks the replica for a request (a policy of :mod:`app.inference.routing`)."""
+
+    least_loaded = "least_loaded"  # least loaded, with tenant affinity (the default)
+    least_latency = "least_latency"  # lowest expected completion time (measured durations)
 
 
 class PoolConfig(BaseModel):
@@ -58,6 +67,7 @@ class PoolConfig(BaseModel):
     tiers: list[Tier] = Field(default_factory=list, description="shared: tiers served; [] = all")
     max_in_flight: int = Field(default=32, ge=1, le=100_000, description="per replica")
     priority_scheduling: bool = False  # the servers run --scheduling-policy priority
+    routing: Routing = Routing.least_loaded
     region: Region | None = None
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$",
                                     description="environment variable holding the servers' key")
@@ -219,7 +229,8 @@ def configured_pools(settings: Settings) -> PoolsConfig | None:
                       d.max_in_flight, d.prices)
 
 
-def configured_prices(settings: Settings) -> dict[str, ModelPrice]:
-    """The price table: the pools document's, else ``DISPATCH_PRICES``."""
+def configured_pricing(settings: Settings) -> Pricing:
+    """The price table and the pools' cost rules: the pools document's, else
+    ``DISPATCH_PRICES`` alone."""
     pools = configured_pools(settings)
-    return dict(pools.prices) if pools is not None else parse_prices(settings.dispatch.prices)
+    return Pricing.of(pools, parse_prices(settings.dispatch.prices) if pools is None else None)

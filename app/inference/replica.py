@@ -1,4 +1,9 @@
-"""One vLLM server of a pool: its load, its health, and a circuit breaker on its errors."""
+"""One vLLM server of a pool: its load, its health, and a circuit breaker on its errors.
+
+Besides what it reports (``/health``, ``/metrics``) a replica keeps what we measure of
+it: requests in flight, each request's share of it, and a moving average of how long its
+requests take (read by the ``least_latency`` routing policy).
+"""
 
 from __future__ import annotations
 
@@ -78,6 +83,8 @@ class Replica:
     # (it advances by dt / n while n requests run). A request's share of the replica
     # is the clock's advance between its start and its end.
     share_clock: float = 0.0
+    # Moving average (EWMA) of its requests' durations, seconds; None until one ends.
+    mean_duration_s: float | None = None
     _clock_at: float = field(default_factory=time.monotonic)
     key: bytes = field(init=False)
 
@@ -101,6 +108,16 @@ class Replica:
         self.share_clock, self._clock_at = self.share_now(now), now
         self.in_flight -= 1
         return self.share_clock
+
+    def observe_duration(self, seconds: float, alpha: float = 0.2) -> None:
+        """A request ended well here after ``seconds``: fold it into the average."""
+        mean = self.mean_duration_s
+        self.mean_duration_s = seconds if mean is None else mean + alpha * (seconds - mean)
+
+    def mark_down(self, reason: object) -> None:
+        """It refused a connection: out until its next good probe."""
+        self.healthy = False
+        log.warning("replica %s unreachable; marked down: %s", self.url, reason)
 
     def usable(self, now: float) -> bool:
         """Healthy and not cut off by its breaker."""

@@ -5,13 +5,19 @@ alike). A pool charges by ``tokens`` (the model's prices), by ``gpu_time`` (the 
 seconds attributed to the request at the pool's GPU-hour price), or by ``max`` of the
 two (a floor for cheap-per-token but GPU-hungry requests such as long prompts on a big
 model).
+
+:class:`Pricing` holds the table and every pool's rule, built from the pools
+configuration (structurally: this layer does not import the generation pools), and
+prices a finished request by the pool it ran on.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,3 +76,60 @@ def request_cost(rule: CostRule, price: ModelPrice | None, gpu_hour_usd: Decimal
     if rule is CostRule.gpu_time:
         return by_gpu
     return max(by_tokens, by_gpu)
+
+
+class PricedPool(Protocol):
+    """What pricing reads of a pool's configuration."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def cost_rule(self) -> CostRule: ...
+    @property
+    def gpu_hour_usd(self) -> Decimal | None: ...
+
+
+class PricedPools(Protocol):
+    """What pricing reads of the pools configuration (``PoolsConfig`` is one)."""
+
+    @property
+    def pools(self) -> Sequence[PricedPool]: ...
+    @property
+    def prices(self) -> Mapping[str, ModelPrice]: ...
+
+
+@dataclass(frozen=True)
+class PoolRule:
+    """How one pool charges."""
+
+    rule: CostRule
+    gpu_hour_usd: Decimal | None
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """The price table and each pool's cost rule: what a finished request costs."""
+
+    prices: Mapping[str, ModelPrice] = field(default_factory=dict)
+    rules: Mapping[str, PoolRule] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: PricedPools | None,
+           prices: Mapping[str, ModelPrice] | None = None) -> Pricing:
+        """From the pools configuration; ``prices`` is the table alone when there is
+        none (``DISPATCH_PRICES`` without a pools file)."""
+        if config is None:
+            return cls(dict(prices or {}))
+        return cls(dict(config.prices),
+                   {p.name: PoolRule(p.cost_rule, p.gpu_hour_usd) for p in config.pools})
+
+    def cost(self, pool: str | None, model: str, *, prompt: int, completion: int,
+             cached: int = 0, gpu_seconds: float | None = None) -> Decimal:
+        """What a request on ``pool`` costs under that pool's rule (token prices when it
+        never reached a pool, or the pool is not known)."""
+        price = self.prices.get(model)
+        rule = self.rules.get(pool) if pool is not None else None
+        if rule is None:
+            return token_cost(price, prompt, completion, cached)
+        return request_cost(rule.rule, price, rule.gpu_hour_usd, prompt=prompt,
+                            completion=completion, cached=cached, gpu_seconds=gpu_seconds)

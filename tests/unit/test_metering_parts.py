@@ -11,7 +11,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.inference.pools import PoolsConfigError, load_pools, parse_pools
 from app.inference.replica import CircuitBreaker, Replica
 from app.observability.metrics import ServiceMetrics
-from app.quotas.costs import CostRule, ModelPrice, gpu_cost, request_cost, token_cost
+from app.quotas.costs import (
+    CostRule,
+    ModelPrice,
+    Pricing,
+    gpu_cost,
+    request_cost,
+    token_cost,
+)
 
 PRICE = ModelPrice(prompt_per_mtok=Decimal("1.5"), completion_per_mtok=Decimal("6"),
                    cached_prompt_per_mtok=Decimal("0.3"))
@@ -80,6 +87,16 @@ def test_pools_carry_cost_rules_and_a_price_table() -> None:
     assert pool is not None and pool.cost_rule is CostRule.max
     assert pool.gpu_hour_usd == Decimal("2.5") and pool.gpus_per_replica == 2
     assert config.prices["m"].completion_per_mtok == Decimal("1.5")
+    # Pricing, built from the configuration, charges by the pool's rule; a request that
+    # reached no pool (or an unknown one) at the token prices.
+    pricing = Pricing.of(config)
+    tokens = token_cost(config.prices["m"], 1000, 1000)
+    assert pricing.cost(None, "m", prompt=1000, completion=1000) == tokens
+    assert pricing.cost("gone", "m", prompt=1000, completion=1000, gpu_seconds=3600) == tokens
+    assert pricing.cost("gpu", "m", prompt=1000, completion=1000,
+                        gpu_seconds=3600) == Decimal("2.5")
+    alone = Pricing.of(None, config.prices)
+    assert alone.prices == config.prices and not alone.rules
 
 
 @pytest.mark.parametrize(("extra", "message"), [
