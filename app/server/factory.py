@@ -26,6 +26,8 @@ from app.db.engine import Database, make_engine
 from app.db.role_check import refuse_privileged_role
 from app.domain.audit.controllers import admin_audit, tenant_audit
 from app.domain.audit.service import AuditService
+from app.domain.chat.background import BackgroundWrites
+from app.domain.chat.content import matching_threads
 from app.domain.chat.controllers import ConversationController, chat_completions
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.service import ChatService
@@ -133,6 +135,10 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             if dispatcher is not None:
                 await dispatcher.start()
                 stack.push_async_callback(dispatcher.close)
+            background = BackgroundWrites()  # chat's writes behind answers: at shutdown,
+            stack.push_async_callback(background.close)  # awaited before the rest closes
+            matching = matching_threads(settings.chat)  # content rules, all tenants
+            stack.callback(matching.shutdown)
             admin_key = settings.auth.platform_admin_key
             embed_signer = EmbedTokenSigner(settings.auth.embed_key())
             credentials = CredentialCache(settings.auth.cache_ttl_s,
@@ -153,6 +159,7 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
             app.state.update(
                 db=db, redis=redis, vector_store=vector_store, models=loaded,
                 dispatcher=dispatcher, metrics=metrics, usage_writer=usage_writer,
+                background=background, matching_threads=matching,
                 allowed_origins=allowed_origins, embed_signer=embed_signer,
                 limiter=RateLimiter(redis, namespace=f"{settings.worker.namespace}:q",
                                     lease_ttl_s=settings.quota.lease_ttl_s,
@@ -266,7 +273,7 @@ def provide_chat(state: State) -> ChatService:
     kept (the chat path is the hot one), rebuilt when a part it holds is swapped."""
     dispatcher = provide_dispatcher(state)
     parts = (dispatcher, state.limiter, state.db, state.vector_store, state.models,
-             state.usage_writer, state.metrics, state.reranker)
+             state.usage_writer, state.metrics, state.reranker, state.background)
     cached = state.get("chat_service")
     if cached is not None and all(a is b for a, b in zip(cached[0], parts, strict=True)):
         service: ChatService = cached[1]
@@ -275,6 +282,7 @@ def provide_chat(state: State) -> ChatService:
     service = ChatService(provide_search(state), ConversationService(state.db),
                           dispatcher, settings.llm, settings.chat,
                           UsageService(state.db, state.usage_writer), state.limiter,
+                          state.background, state.matching_threads,
                           state.metrics, ContentRulesService(state.db),
                           tenants=TenantService(state.db))
     state.chat_service = (parts, service)
