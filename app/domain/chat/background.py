@@ -47,15 +47,20 @@ class BackgroundWrites:
 
     async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """At shutdown: wait for every write, including those the writes start (a
-        settlement starts its usage event); after ``timeout_s``, cancel what is left."""
+        settlement starts its usage event); after ``timeout_s``, cancel what is left.
+        Only this event loop's writes (a test client may run the lifespan on a loop of
+        its own, apart from its requests': those are left to their loop)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self._tasks and loop.time() < deadline:
-            await asyncio.wait(list(self._tasks), timeout=deadline - loop.time())
-        if self._tasks:
+        while (ours := self._on(loop)) and loop.time() < deadline:
+            await asyncio.wait(ours, timeout=deadline - loop.time())
+        left = self._on(loop)
+        if left:
             log.error("shutdown: %d background writes did not finish in %.0f s; cancelled",
-                      len(self._tasks), timeout_s)
-            for task in list(self._tasks):
+                      len(left), timeout_s)
+            for task in left:
                 task.cancel()
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=1.0)
+            await asyncio.wait(left, timeout=1.0)
+
+    def _on(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[None]]:
+        return [task for task in self._tasks if task.get_loop() is loop]
