@@ -1,12 +1,10 @@
 """One chat request on its way to an answer, as data: what was planned before admission
 (:class:`Plan`), what is sent upstream (:class:`Prepared`, fixed once prepared), how the
-answer is going (:class:`AnswerState`, the only mutable part), its token usage
-(:class:`Usage`), what the HTTP layer sends back (:class:`ChatReply`), and the small
-pure helpers of OpenAI's wire format (chunks, server-sent events, citations, usage).
-
-Keeping the fixed request apart from its state shows which steps change what: only the
-relay (relay.py), the whole answer (service.py) and the settlement (settlement.py) touch
-the state, and a request's model, route, body and ticket never change after ``prepare``.
+answer is going (:class:`AnswerState`, the only mutable part, written by the whole
+answer in service.py, the relay and the settlement), its token usage (:class:`Usage`),
+what the HTTP layer sends back (:class:`ChatReply`), and the small pure helpers of
+OpenAI's wire format (chunks, server-sent events, citations, usage); keeping the fixed
+request apart from its state shows which step changes what.
 """
 
 from __future__ import annotations

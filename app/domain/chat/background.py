@@ -1,12 +1,10 @@
-"""The writes a chat request leaves behind its answer: its settlement, usage event,
-stored conversation turn and content-rule hit run as tasks of their own, so the client
-gets its answer (and its slots back) first and a client that leaves cannot cancel them.
-
-One :class:`BackgroundWrites` per app, made and closed by the app's lifespan
-(app/server/factory.py): the chat service starts its writes here, the limiter's budget
-rebuild waits for those under way (their tokens are not in PostgreSQL yet), tests wait
-until none is pending, and shutdown waits for them before the usage writer and the
-database pool close, so no usage event is lost to a restart.
+"""The writes a chat request leaves behind its answer (its settlement, usage event,
+content-rule hit) run as tasks of their own, so the client gets its answer and its slots
+back first and a client that leaves cannot cancel them: one :class:`BackgroundWrites`
+per app, made and closed by the app's lifespan (app/server/factory.py), which the chat
+service starts its writes on, the limiter's budget rebuild waits on (their tokens are
+not in PostgreSQL yet), tests wait on, and shutdown waits for before the usage writer
+and the database pool close, so no usage event is lost to a restart.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The tenant's content rules applied to one chat request: its input checked before any
 work, its answer checked as it is generated (whole, or piece by piece as it streams),
 and the tenant's disclaimer added at the end.
-
 All matching of one request shares one time budget (``CHAT_CONTENT_RULES_BUDGET_MS``):
 once spent, the next check counts as a hit (fail closed). A text longer than
 ``CHAT_CONTENT_RULES_OFFLOAD_CHARS`` (the user's messages, a whole answer) is matched in

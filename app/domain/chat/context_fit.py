@@ -1,11 +1,9 @@
 """Fitting a chat request into the model's context window: how many tokens the answer
 may have (:func:`max_tokens`: what the caller asked, within the tenant's output cap) and
 the prompt trimmed to the room left (:func:`fit`: oldest history first, then the
-lowest-ranked passages).
-
-vLLM refuses a prompt over the window (it never truncates one), and counting tokens
-exactly costs a ``/tokenize`` call through a generation slot, so the fit starts from a
-local upper bound and asks the server at most once.
+lowest-ranked passages); vLLM refuses a prompt over the window (it never truncates one)
+and an exact count costs a ``/tokenize`` call through a generation slot, so the fit
+starts from a local upper bound and asks the server at most once.
 """
 
 from __future__ import annotations

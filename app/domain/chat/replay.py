@@ -1,6 +1,5 @@
 """Idempotent chat requests: what identifies a request body, and the stored answer that
 a replay of its ``X-Request-Id`` gets instead of a second generation.
-
 The limiter claims the id in Redis with the admission and keeps the answer there once
 the request settles (app/quotas/limiter.py); this module only says what is stored and
 how a replay renders it: the same JSON for a whole answer, the same events for a stream

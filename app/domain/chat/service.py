@@ -1,14 +1,12 @@
 """The chat request's one owner: :meth:`ChatService.answer` takes an authenticated
-request from tenant rules to a reply, in order: plan (model, messages, room in the
-context window) -> admit (rate limits, concurrency, budget, idempotency; a replay gets
-the first answer) -> prepare (content rules on the input, history, retrieval, the prompt
-fitted to the window) -> a refusal, or the whole answer, or an opened stream.
-
-The parts live beside it: the request's data in answer.py, window fitting in
-context_fit.py, the streamed answer and refusals in relay.py, how a request ends
-(settlement, usage, metering, stored turn) in settlement.py. Generation goes through the
-dispatcher (pools, replicas, fair queues, failover); usage is the engine's own, or
-counted with its ``/tokenize`` when it reports none.
+request in order through plan (model, messages, room in the context window) -> admit
+(rate limits, concurrency, budget, idempotency; a replay gets the first answer) ->
+prepare (content rules on the input, history, retrieval, the prompt fitted to the
+window) -> a refusal, the whole answer, or an opened stream, generated through the
+dispatcher (pools, replicas, fair queues, failover); the parts live beside it: the
+request's data in answer.py, window fitting in context_fit.py, the streamed answer and
+refusals in relay.py, how a request ends (settlement, usage, metering, stored turn) in
+settlement.py.
 """
 
 from __future__ import annotations

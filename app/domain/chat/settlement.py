@@ -2,11 +2,9 @@
 by its client): its admission settled (actual tokens for the reservation, its slots
 freed, its request id kept for replays or freed for a retry), its usage counted when the
 engine reported none, its usage event and metrics written, and what it leaves behind
-(the stored conversation turn, a content-rule hit).
-
-Everything here that can wait runs behind the answer, through the app's
-:class:`~app.domain.chat.background.BackgroundWrites`: the client gets its answer and its
-slots back first, and shutdown waits for these writes.
+(the stored conversation turn, a content-rule hit); what can wait runs behind the
+answer, on the app's :class:`~app.domain.chat.background.BackgroundWrites`, which
+shutdown waits for.
 """
 
 from __future__ import annotations
