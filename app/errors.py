@@ -147,7 +147,8 @@ class QueueTimeoutError(DomainError):
 
 class RateLimitedError(DomainError):
     """A rate limit, concurrency limit or token budget refuses the request (HTTP 429).
-    ``code`` is ``rate_limited``, ``concurrency_limited`` or ``budget_exhausted``."""
+    ``code`` is ``rate_limited``, ``concurrency_limited``, ``budget_exhausted`` or a
+    window limit's own (``monthly_calls_exhausted``)."""
 
     code = "rate_limited"
     title = "Too many requests"

@@ -28,6 +28,9 @@ class ServerSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Path(".data")
     max_request_bytes: int = Field(default=60 * 1024 * 1024, gt=0)
+    # ``POST /v1/chat/completions`` by the fast door (app/server/fast_chat.py); off: by
+    # Litestar's own route, as with tracing on (the dispatch benchmark measures both).
+    fast_chat: bool = True
     # One JSON object per line (unset: in prod) or plain text (unset: in dev and test).
     log_format: Literal["json", "text"] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -3,6 +3,7 @@ in front of the same fake OpenAI-compatible upstream, in one run on one machine.
 
     .venv/bin/python bench/dispatch_overhead.py [--rps 100] [--seconds 10]
         [--concurrency 32] [--litellm .cache/litellm-venv/bin/litellm]
+        [--no-litestar-route]
 
 Targets, each its own process, one worker each:
   (a) direct: the fake upstream itself (``python -m tests.fake_openai``, no latency);
@@ -11,6 +12,10 @@ Targets, each its own process, one worker each:
       (DATABASE_URL/REDIS_URL, else the embedded stack) in a scratch database; the
       tenant has (high) rate limits, concurrency limit and budget, so each request runs
       the Redis admission script and writes its usage event;
+  (b') app-litestar: the same app with ``APP_FAST_CHAT=false``, so Litestar's own
+      route (its middleware, guards, signature model and dependency injection) serves
+      chat instead of the fast door (app/server/fast_chat.py); same database and key;
+      ``--no-litestar-route`` leaves it out;
   (c) litellm: ``litellm --config`` with the same model at the fake, master key, no
       database (its Prisma engine needs a download this machine cannot make).
 
@@ -157,6 +162,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--litellm", default=str(ROOT / ".cache/litellm-venv/bin/litellm"))
     parser.add_argument("--profile-app", help="write a py-spy profile of the app here")
+    parser.add_argument("--no-litestar-route", dest="litestar_route", action="store_false",
+                        help="leave out the app with Litestar's own chat route")
     args = parser.parse_args()
     procs: list[subprocess.Popen[bytes]] = []
     with backing_services("bench-dispatch-") as (work, db_url, redis_url):
@@ -200,14 +207,24 @@ def measure(args: argparse.Namespace, work: Path, db_url: str, redis_url: str,
     app = f"http://127.0.0.1:{app_port}"
     wait_http(f"{app}/healthz", procs[-1], work / "app.log")
     key = asyncio.run(app_key(app))
+    app_body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "store": False,
+                "retrieval": {"enabled": False}}
 
     targets: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
         "direct": (f"{fake}/v1/chat/completions", {},
                    {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}),
-        "app": (f"{app}/v1/chat/completions", {"Authorization": f"Bearer {key}"},
-                {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "store": False,
-                 "retrieval": {"enabled": False}}),
+        "app": (f"{app}/v1/chat/completions", {"Authorization": f"Bearer {key}"}, app_body),
     }
+    if args.litestar_route:  # the same app and tenant, chat by Litestar's own route
+        route_port = free_port()
+        procs.append(spawn([tenantrag, "serve", "--port", str(route_port)],
+                           {**app_env, "APP_FAST_CHAT": "false",  # its own shard folder
+                            "APP_DATA_DIR": str(work / "data-litestar")},
+                           work / "app-litestar.log"))
+        route = f"http://127.0.0.1:{route_port}"
+        wait_http(f"{route}/healthz", procs[-1], work / "app-litestar.log")
+        targets["app-litestar"] = (f"{route}/v1/chat/completions",
+                                   {"Authorization": f"Bearer {key}"}, app_body)
     litellm = Path(args.litellm)
     if litellm.exists():
         lite_port = free_port()
@@ -248,18 +265,20 @@ def measure(args: argparse.Namespace, work: Path, db_url: str, redis_url: str,
             continue
         results[name] = {"p50": pct(lat, 0.5) * 1000, "p99": pct(lat, 0.99) * 1000,
                          "max_rps": rps}
-        print(f"{name:8s} p50 {results[name]['p50']:7.2f} ms  p99 "
+        print(f"{name:12s} p50 {results[name]['p50']:7.2f} ms  p99 "
               f"{results[name]['p99']:7.2f} ms  max {rps:7.0f} req/s", flush=True)
     base = results["direct"]
     print(f"\nadded latency at {args.rps:g} RPS over direct:")
-    for name in ("app", "litellm"):
+    for name in ("app", "app-litestar", "litellm"):
         if name in results:
             r = results[name]
-            print(f"  {name:8s} p50 +{r['p50'] - base['p50']:.2f} ms  p99 "
+            print(f"  {name:12s} p50 +{r['p50'] - base['p50']:.2f} ms  p99 "
                   f"+{r['p99'] - base['p99']:.2f} ms  max {r['max_rps']:.0f} req/s")
     if "litellm" in results:
-        print(f"\napp max RPS / LiteLLM max RPS: "
-              f"{results['app']['max_rps'] / results['litellm']['max_rps']:.2f}x")
+        for name in ("app", "app-litestar"):
+            if name in results:
+                print(f"{name} max RPS / LiteLLM max RPS: "
+                      f"{results[name]['max_rps'] / results['litellm']['max_rps']:.2f}x")
 
 
 if __name__ == "__main__":

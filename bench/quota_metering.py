@@ -7,8 +7,8 @@ Admission (Redis from REDIS_URL, else the embedded stack):
   * floor: a Redis ``PING`` round trip, sequentially, through redis-py and through the
     limiter's pipelined connection (``RedisPipe``);
   * admit: ``RateLimiter.admit`` with every limit on (tenant and end-user RPM, TPM,
-    concurrency, monthly budget), sequentially, then settled outside the timing; over
-    the pipe, as the API runs it, and over redis-py, side by side;
+    concurrency, monthly budget and calls), sequentially, then settled outside the
+    timing; over the pipe, as the API runs it, and over redis-py, side by side;
   * Redis round trips per admission (commands the client sends): the target is one;
   * admit + settle throughput with 64 concurrent callers.
 Write path (PostgreSQL from DATABASE_URL, else embedded; a scratch database):
@@ -40,7 +40,7 @@ from app.quotas.usage_writer import UsageWriter, write_events
 from app.settings import DatabaseSettings, as_asyncpg_url
 
 LIMITS = Limits(rpm=10**9, tpm=10**12, concurrency=10**6, user_rpm=10**9, user_tpm=10**12,
-                user_concurrency=10**6, budget=10**15)
+                user_concurrency=10**6, budget=10**15, monthly_calls=10**12)
 
 
 class RoundTrips:

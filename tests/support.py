@@ -24,7 +24,7 @@ from app.db.migrate import migrate
 from app.domain.chat.background import BackgroundWrites
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import PoolConfig, PoolsConfig
-from app.server.factory import cache_salt_key
+from app.server.clients import cache_salt_key
 from app.server.http_protocol import OneWriteHttpToolsProtocol
 from app.settings import DatabaseSettings, DispatchSettings, Settings, as_asyncpg_url
 

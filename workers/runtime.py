@@ -22,8 +22,7 @@ from typing import Any, TypeVar
 
 import dramatiq
 
-from app.db.engine import Database, make_engine
-from app.db.role_check import refuse_privileged_role
+from app.db.engine import Database
 from app.domain.knowledge.pipeline import IngestPipeline, isolated_parser
 from app.domain.knowledge.sweeper import StuckDocumentSweeper
 from app.embeddings import Models, check_vector_size, load_models, parallel_embedding
@@ -31,9 +30,9 @@ from app.hardening import refuse_inspection
 from app.inference.pools import configured_prices
 from app.outbox import DELETE_STALE_VERSIONS, INGEST_DOCUMENT
 from app.settings import Settings
-from app.stores import vector_store_config
+from app.stores import open_database, open_store
 from retrieval.batching import EmbeddingBatcher
-from retrieval.vectorstore import VectorStore, open_vector_store
+from retrieval.vectorstore import VectorStore
 from workers.relay import OutboxRelay
 
 log = logging.getLogger(__name__)
@@ -114,17 +113,11 @@ class WorkerRuntime:
         s = self.settings
         # Each document in flight holds one connection for its lease and uses another for
         # its transactions; a smaller pool would make worker threads wait on each other.
-        needed = 2 * s.worker.threads + 2
-        pool = s.database.model_copy(update={"pool_size": max(s.database.pool_size, needed)})
-        self.db = Database(make_engine(s.database.application_url(), pool))
-        self._stack.push_async_callback(self.db.close)
-        await refuse_privileged_role(self.db.engine, "worker")
+        self.db = await open_database(self._stack, s, "worker",
+                                      min_pool_size=2 * s.worker.threads + 2)
         refuse_inspection("worker")  # its secrets unreadable to the parsers' user
-        if self._given_store is None:
-            self.store = open_vector_store(vector_store_config(s))
-            self._stack.push_async_callback(self.store.close)
-        else:
-            self.store = self._given_store  # embedded mode: the API process's own store
+        self.store = (open_store(self._stack, s) if self._given_store is None
+                      else self._given_store)  # embedded mode: the API process's own store
         embed = self._stack.enter_context(parallel_embedding(models, s.ingest))
         batcher = EmbeddingBatcher(embed, max_batch=s.ingest.coalesce_max_texts,
                                    max_wait_s=s.ingest.coalesce_wait_s,

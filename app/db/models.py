@@ -86,6 +86,8 @@ class Tenant(SQLModel, table=True):
     max_storage_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
     # Tokens embedded by ingestion per calendar month (UTC); None = the tier's default.
     monthly_embedding_tokens: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # Chat calls admitted per calendar month (UTC); None = the tier's default.
+    monthly_call_limit: int | None = Field(default=None, sa_type=sa.BigInteger)
     # Browsers: origins allowed to call the API with the tenant's embed tokens.
     cors_origins: list[str] = Field(default_factory=list, sa_column=sa.Column(
         pg.ARRAY(sa.Text), nullable=False, server_default="{}"))

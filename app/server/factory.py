@@ -1,16 +1,14 @@
-"""The Litestar app factory: routes, dependencies, errors, and the clients' lifespan."""
+"""The Litestar app factory: each area's routes and providers (its package's ``ROUTES``
+and ``DEPENDENCIES``, listed in :data:`AREAS`), errors, the middleware, the lifespan that
+opens the clients (app/server/clients.py), and the fast chat door when it is on."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from datetime import timedelta
 from typing import Any
 
-import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -19,92 +17,44 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from app.auth.authenticator import ApiKeyAuthenticator
-from app.auth.cache import CredentialCache, CredentialChangeListener, credential_owner
-from app.auth.embed import EmbedTokenSigner
-from app.db.engine import Database, make_engine
-from app.db.role_check import refuse_privileged_role
-from app.domain.audit.controllers import admin_audit, tenant_audit
-from app.domain.audit.service import AuditService
-from app.domain.chat.background import BackgroundWrites
-from app.domain.chat.content import matching_threads
-from app.domain.chat.controllers import ConversationController, chat_completions
-from app.domain.chat.conversations import ConversationService
+from app import observability
+from app.domain import (
+    audit,
+    chat,
+    content_rules,
+    embed,
+    keys,
+    knowledge,
+    pools,
+    search,
+    system,
+    tenant_self,
+    tenants,
+    usage,
+)
 from app.domain.chat.service import ChatService
-from app.domain.content_rules.controllers import (
-    get_content_rules,
-    list_content_rule_hits,
-    put_content_rules,
-)
-from app.domain.content_rules.service import ContentRulesService
-from app.domain.embed.controllers import (
-    get_embed_settings,
-    mint_embed_token,
-    put_embed_settings,
-)
-from app.domain.embed.service import EmbedService
-from app.domain.keys.controllers import PlatformKeysController, TenantKeysController
-from app.domain.keys.service import ApiKeyService
-from app.domain.knowledge.controllers import KnowledgeBaseController
-from app.domain.knowledge.document_service import DocumentService
-from app.domain.knowledge.kb_service import KnowledgeBaseService
-from app.domain.pools.controllers import list_pools
-from app.domain.search.controllers import retrieve
-from app.domain.search.service import SearchService
-from app.domain.system.controllers import healthz, readyz
-from app.domain.tenant_self.controllers import (
-    get_system_prompt,
-    list_models,
-    list_system_prompt_versions,
-    put_system_prompt,
-    whoami,
-)
-from app.domain.tenants.controllers import TenantAdminController
-from app.domain.tenants.prompts import PromptService
-from app.domain.tenants.service import TenantService
-from app.domain.usage.controllers import admin_usage, tenant_usage
-from app.domain.usage.quarantine import admin_usage_quarantine
-from app.embeddings import Models, check_vector_size, load_models
-from app.errors import ServiceUnavailableError
+from app.domain.pools.deps import provide_dispatcher
+from app.embeddings import Models
 from app.hardening import refuse_inspection
 from app.http.auth import PUBLIC_PATHS, ApiKeyMiddleware
 from app.http.bodies import ApiRequest
-from app.http.cors import AllowedOrigins, CorsMiddleware
+from app.http.cors import CorsMiddleware
 from app.http.openapi import document_problems
 from app.http.problems import EXCEPTION_HANDLERS
 from app.http.request_context import request_middleware
 from app.http.timestamps import UtcDateTimeSchema, decode_utc, is_utc_datetime
-from app.inference.dispatcher import Dispatcher
-from app.inference.pools import configured_pools
-from app.observability.metrics import DispatchCollector, ServiceMetrics
-from app.observability.routes import prometheus_metrics
-from app.quotas.limiter import RateLimiter
-from app.quotas.pipe import RedisPipe
-from app.quotas.usage import UsageService
-from app.quotas.usage_writer import UsageWriter
+from app.server.chat_pipeline import check_middleware
+from app.server.clients import build_chat, open_clients
 from app.server.fast_chat import ChatEndpoint, is_chat_request
 from app.settings import Settings
-from app.stores import vector_store_config
-from retrieval.rerank import Reranker
-from retrieval.vectorstore import open_vector_store
 
 Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
 
 
-def redis_url(settings: Settings) -> str:
-    if not settings.redis.url:
-        raise ValueError("REDIS_URL is not set")
-    return settings.redis.url
-
-
-def make_redis(settings: Settings) -> aioredis.Redis:
-    """A Redis client over a bounded pool that waits (not fails) briefly when full."""
-    r = settings.redis
-    pool = aioredis.BlockingConnectionPool.from_url(
-        redis_url(settings), max_connections=r.max_connections, timeout=r.socket_timeout_s,
-        socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
-    )
-    return aioredis.Redis(connection_pool=pool)
+# The areas whose routes and providers the app serves (each package's ROUTES and
+# DEPENDENCIES): a new area is one more entry here.
+AREAS: tuple[Any, ...] = (system, tenant_self, tenants, keys, knowledge, search, chat,
+                          pools, usage, observability, audit, embed, content_rules)
 
 
 def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | None) -> Lifespan:
@@ -112,69 +62,7 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
     async def clients(app: Litestar) -> AsyncIterator[None]:
         refuse_inspection("API")  # its secrets unreadable to the parsers' user
         async with AsyncExitStack() as stack:
-            db = Database(make_engine(settings.database.application_url(), settings.database))
-            stack.push_async_callback(db.close)
-            await refuse_privileged_role(db.engine, "API")  # before serving any tenant
-            redis = make_redis(settings)
-            stack.push_async_callback(redis.aclose)
-            scripts = RedisPipe(redis_url(settings), timeout_s=settings.redis.socket_timeout_s,
-                                max_in_flight=settings.redis.max_in_flight)
-            stack.push_async_callback(scripts.aclose)
-            vector_store = open_vector_store(vector_store_config(settings))
-            stack.push_async_callback(vector_store.close)
-            loaded = models if models is not None else await asyncio.to_thread(
-                load_models, settings.ingest)
-            check_vector_size(loaded, settings.qdrant.dense_dim)
-            rerank_model = settings.chat.rerank_model
-            reranker = await asyncio.to_thread(Reranker, rerank_model) if rerank_model else None
-            usage_writer = UsageWriter(db, on_quarantine=lambda kind, error:
-                                       app.state.metrics.quarantined(kind, error))
-            usage_writer.start()
-            stack.push_async_callback(usage_writer.close)  # drained before the pool closes
-            dispatcher = make_dispatcher(settings)
-            if dispatcher is not None:
-                await dispatcher.start()
-                stack.push_async_callback(dispatcher.close)
-            background = BackgroundWrites()  # chat's writes behind answers: at shutdown,
-            stack.push_async_callback(background.close)  # awaited before the rest closes
-            matching = matching_threads(settings.chat)  # content rules, all tenants
-            stack.callback(matching.shutdown)
-            admin_key = settings.auth.platform_admin_key
-            embed_signer = EmbedTokenSigner(settings.auth.embed_key())
-            credentials = CredentialCache(settings.auth.cache_ttl_s,
-                                          negative_ttl_s=settings.auth.negative_cache_ttl_s)
-            db.on_commit(credential_owner, credentials.drop_tenants)  # this process: at once
-            allowed_origins = AllowedOrigins(db)
-            db.on_commit(credential_owner, allowed_origins.invalidate)
-            if settings.auth.cache_ttl_s > 0:
-                listener = CredentialChangeListener(
-                    "postgresql://" + settings.database.application_url().partition("://")[2],
-                    credentials)
-                listener.start()
-                stack.push_async_callback(listener.close)
-            metrics = ServiceMetrics(settings.metrics.max_tenant_labels,
-                                     lambda: app.state.dispatcher.models
-                                     if app.state.dispatcher else ())
-            metrics.registry.register(DispatchCollector(lambda: app.state.dispatcher))
-            app.state.update(
-                db=db, redis=redis, vector_store=vector_store, models=loaded,
-                dispatcher=dispatcher, metrics=metrics, usage_writer=usage_writer,
-                background=background, matching_threads=matching,
-                allowed_origins=allowed_origins, embed_signer=embed_signer,
-                limiter=RateLimiter(redis, namespace=f"{settings.worker.namespace}:q",
-                                    lease_ttl_s=settings.quota.lease_ttl_s,
-                                    fail_open=settings.quota.fail_open, scripts=scripts,
-                                    idempotency_window_s=settings.quota.idempotency_window_s),
-                reranker=reranker,
-                authenticator=ApiKeyAuthenticator(
-                    db, settings.auth.key_pepper.get_secret_value(),
-                    admin_key.get_secret_value() if admin_key else None,
-                    timedelta(seconds=settings.auth.last_used_resolution_s), credentials,
-                    embed_signer,
-                    # half the pool at most: a flood of made-up keys leaves the rest
-                    max_lookups=max(1, settings.database.pool_size // 2),
-                ),
-            )
+            await open_clients(app, settings, stack, models)  # app/server/clients.py
             for extra in extras:
                 await stack.enter_async_context(extra(app))
             # What start-up loaded (models, libraries: millions of objects) lives as long
@@ -187,106 +75,39 @@ def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | N
     return clients
 
 
-def provide_tenants(state: State) -> TenantService:
-    """The tenant registry service."""
-    return TenantService(state.db)
-
-
-def provide_keys(state: State) -> ApiKeyService:
-    """The API key service."""
-    return ApiKeyService(state.db, state.settings.auth.key_pepper.get_secret_value())
-
-
-def provide_kbs(state: State) -> KnowledgeBaseService:
-    """The knowledge-base service."""
-    return KnowledgeBaseService(state.db)
-
-
-def provide_documents(state: State) -> DocumentService:
-    """The document service."""
-    return DocumentService(state.db, state.settings.ingest)
-
-
-def provide_search(state: State) -> SearchService:
-    """The retrieval service."""
-    return SearchService(state.db, state.vector_store, state.models, state.settings.chat,
-                         state.reranker)
-
-
 def provide_settings(state: State) -> Settings:
     """The process's settings."""
     settings: Settings = state.settings
     return settings
 
 
-def provide_content_rules(state: State) -> ContentRulesService:
-    """The tenant's content rules."""
-    return ContentRulesService(state.db)
-
-
-def provide_embed(state: State) -> EmbedService:
-    """Embed tokens and allowed origins."""
-    settings: Settings = state.settings
-    return EmbedService(state.db, state.embed_signer, settings.auth)
-
-
-def provide_prompts(state: State) -> PromptService:
-    """The tenant system prompt service."""
-    return PromptService(state.db)
-
-
-def provide_audit(state: State) -> AuditService:
-    """The audit log reader."""
-    return AuditService(state.db)
-
-
-def provide_conversations(state: State) -> ConversationService:
-    """The conversation store."""
-    return ConversationService(state.db)
-
-
-def cache_salt_key(settings: Settings) -> bytes:
-    """The key of the per-tenant ``cache_salt`` HMAC (derived from the key pepper)."""
-    return hashlib.sha256(b"cache-salt:" + settings.auth.key_pepper.get_secret_value()
-                          .encode()).digest()
-
-
-def make_dispatcher(settings: Settings) -> Dispatcher | None:
-    """The dispatcher over the configured pools, or None when none is configured."""
-    pools = configured_pools(settings)
-    if pools is None:
-        return None
-    return Dispatcher(pools, settings.dispatch, settings.llm, cache_salt_key(settings))
-
-
-def provide_dispatcher(state: State) -> Dispatcher:
-    """The generation dispatcher; 503 when no pool is configured."""
-    if state.dispatcher is None:
-        raise ServiceUnavailableError("no generation server is configured (set LLM_BASE_URL "
-                                      "or DISPATCH_POOLS_FILE)")
-    dispatcher: Dispatcher = state.dispatcher
-    return dispatcher
-
-
 def provide_chat(state: State) -> ChatService:
-    """The chat service; 503 when no generation server is configured. Built once and
-    kept (the chat path is the hot one), rebuilt when a part it holds is swapped."""
+    """The chat service the lifespan built (app/server/clients.py); 503 when no
+    generation server is configured. Built again when the dispatcher or limiter in the
+    state is swapped for another (tests do)."""
     dispatcher = provide_dispatcher(state)
-    parts = (dispatcher, state.limiter, state.db, state.vector_store, state.models,
-             state.usage_writer, state.metrics, state.reranker, state.background)
-    cached = state.get("chat_service")
-    if cached is not None and all(a is b for a, b in zip(cached[0], parts, strict=True)):
-        service: ChatService = cached[1]
-        return service
-    settings: Settings = state.settings
-    service = ChatService(provide_search(state), ConversationService(state.db),
-                          dispatcher, settings.llm, settings.chat,
-                          UsageService(state.db, state.usage_writer), state.limiter,
-                          state.background, state.matching_threads,
-                          state.metrics, ContentRulesService(state.db),
-                          tenants=TenantService(state.db))
-    state.chat_service = (parts, service)
+    if state.get("chat_parts") != (dispatcher, state.limiter):
+        build_chat(state)
+    service: ChatService = state.chat_service
     return service
+
+
+def routes() -> list[Any]:
+    """Every area's route handlers and controllers."""
+    return [handler for area in AREAS for handler in area.ROUTES]
+
+
+def dependencies() -> dict[str, Provide]:
+    """Every area's providers by name, and the composition root's own; a name that two
+    areas provide fails here, not at the first request."""
+    merged = {"settings": Provide(provide_settings, sync_to_thread=False),
+              "chat": Provide(provide_chat, sync_to_thread=False)}
+    for area in AREAS:
+        for name, provider in getattr(area, "DEPENDENCIES", {}).items():
+            if name in merged:
+                raise RuntimeError(f"dependency {name!r} is provided twice ({area.__name__})")
+            merged[name] = provider
+    return merged
 
 
 class Api(Litestar):
@@ -321,29 +142,8 @@ def create_app(
         security=[{"apiKey": []}],
     )
     app = Api(
-        route_handlers=[healthz, readyz, whoami, list_models, TenantAdminController,
-                        PlatformKeysController, TenantKeysController, KnowledgeBaseController,
-                        retrieve, chat_completions, ConversationController,
-                        get_system_prompt, put_system_prompt, list_system_prompt_versions,
-                        list_pools, tenant_usage, admin_usage, prometheus_metrics,
-                        tenant_audit, admin_audit, admin_usage_quarantine,
-                        mint_embed_token, get_embed_settings, put_embed_settings,
-                        get_content_rules, put_content_rules, list_content_rule_hits],
-        dependencies={
-            "tenants": Provide(provide_tenants, sync_to_thread=False),
-            "keys": Provide(provide_keys, sync_to_thread=False),
-            "kbs": Provide(provide_kbs, sync_to_thread=False),
-            "documents": Provide(provide_documents, sync_to_thread=False),
-            "search": Provide(provide_search, sync_to_thread=False),
-            "settings": Provide(provide_settings, sync_to_thread=False),
-            "prompts": Provide(provide_prompts, sync_to_thread=False),
-            "embed": Provide(provide_embed, sync_to_thread=False),
-            "content": Provide(provide_content_rules, sync_to_thread=False),
-            "audit": Provide(provide_audit, sync_to_thread=False),
-            "conversations": Provide(provide_conversations, sync_to_thread=False),
-            "chat": Provide(provide_chat, sync_to_thread=False),
-            "dispatcher": Provide(provide_dispatcher, sync_to_thread=False),
-        },
+        route_handlers=routes(),
+        dependencies=dependencies(),
         middleware=[*request_middleware(settings), CorsMiddleware,  # preflights: no key
                     DefineMiddleware(ApiKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -358,6 +158,8 @@ def create_app(
         logging_config=None,  # the process's logging is app/logs.py's (JSON lines, ids)
     )
     document_problems(app)
-    if not settings.tracing.exporter_otlp_endpoint:  # with tracing: Litestar's route, spans
+    # With tracing on, Litestar's route serves chat (its requests get server spans).
+    if settings.server.fast_chat and not settings.tracing.exporter_otlp_endpoint:
+        check_middleware(app.middleware)  # the fast door runs exactly these (loudly if not)
         app.fast_chat = ChatEndpoint(app, provide_chat, settings.server.max_request_bytes)
     return app

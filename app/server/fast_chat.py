@@ -4,17 +4,10 @@ The chat path is the hot one: every generation passes here, and the dispatch ben
 (bench/dispatch_overhead.py) holds what it adds to the generation server's latency to
 about 2 ms. Litestar's routing, middleware stack, guard copies, signature model and
 dependency injection cost about a third of the request's CPU, so the API answers this
-one route itself, with the same pieces the Litestar route uses and in the same order:
-
-1. the request id and the access log line (as ``RequestContextMiddleware``);
-2. CORS for browser pages (as ``CorsMiddleware``; a preflight is an OPTIONS request,
-   which Litestar still answers);
-3. the API key or embed token (:func:`app.http.auth.authenticate_bearer`) and the chat
-   guard (:func:`app.http.guards.chat_or_embed`);
-4. the body: the size limit, JSON (:func:`app.http.bodies.decode_json`, as Litestar's
-   routes), and the same validation as Litestar's, with the same error shape;
-5. :func:`app.domain.chat.controllers.answer_chat`, which the Litestar route calls too;
-6. errors through the same exception handlers (problem+json).
+one route itself: the steps of app/server/chat_pipeline.py (request id, CORS,
+authentication, guard, body, answer, render), each a function the Litestar side calls
+too, in the same order. ``create_app`` refuses to start when the app's middleware is
+not the list those steps reproduce.
 
 Every other method on the path goes to Litestar (405). With tracing on, the Litestar
 route serves chat too, so its requests get their server spans.
@@ -29,8 +22,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response
-from litestar.exceptions import ClientException
-from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.serialization import encode_json
 from litestar.types import (
     HTTPResponseBodyEvent,
@@ -40,18 +31,10 @@ from litestar.types import (
     Scope,
     Send,
 )
-from pydantic import ValidationError
 
-from app.domain.chat.controllers import answer_chat
-from app.domain.chat.schemas import ChatCompletionRequest
 from app.domain.chat.service import ChatService
-from app.http.auth import authenticate_bearer
-from app.http.bodies import decode_json
-from app.http.cors import allowed_origins_of, cors_headers, error_origin_var, readable
-from app.http.guards import chat_or_embed
-from app.http.problems import EXCEPTION_HANDLERS, validation_failed
-from app.http.request_context import log_access, request_id_from
-from app.logs import request_id_var, tenant_id_var
+from app.http.request_context import log_access
+from app.server.chat_pipeline import STEPS, ChatCall, extra_headers, handle_error, reset
 
 if TYPE_CHECKING:
     from litestar import Litestar
@@ -91,32 +74,26 @@ class ChatEndpoint:
         return self._route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer one chat request, however it ends."""
+        """Answer one chat request, however it ends: the pipeline's steps, then render."""
         started = time.perf_counter()
         wanted: dict[str, str] = {}
         for name, value in scope["headers"]:
             if name in _WANTED:
                 wanted.setdefault(name.decode(), value.decode("latin-1"))
-        request_id = request_id_from(wanted.get("x-request-id"))
-        id_token, tenant_token = request_id_var.set(request_id), tenant_id_var.set(None)
-        origin = wanted.get("origin")
-        allowed_anywhere = False
-        status = 500
         request: Request[Any, Any, Any] = Request(scope, receive, send)
+        call = ChatCall(scope, receive, request, wanted, self.route, self.chat,
+                        self.max_body_bytes)
+        status = 500
         try:
             try:
-                if origin is not None:
-                    allowed_anywhere = await allowed_origins_of(scope).contains(origin)
-                    error_origin_var.set(origin if allowed_anywhere else None)
-                scope["user"], scope["auth"] = await authenticate_bearer(
-                    self.app.state.authenticator, wanted.get("authorization"))
-                await chat_or_embed(request, self.route)
-                data = await self._body(receive, wanted.get("content-length"), scope)
-                response = await answer_chat(request, data, self.chat(self.app.state))
+                for step in STEPS:
+                    await step(call)
             except Exception as exc:  # what Litestar's exception middleware would do
-                response = _handle(request, exc)
+                handle_error(call, exc)
+            response = call.response
+            assert response is not None  # answered, or the error's
             status = response.status_code or 200
-            extra = self._extra_headers(request_id, origin, scope, status, allowed_anywhere)
+            extra = extra_headers(call, status)
             if type(response) is Response and response.media_type is None:  # JSON
                 await _send_json(send, response, extra)
             else:  # a stream, or an error's problem+json: Litestar's own rendering
@@ -124,58 +101,7 @@ class ChatEndpoint:
                     scope, receive, _adding(send, extra))
         finally:
             log_access(scope, status, started)
-            error_origin_var.set(None)
-            request_id_var.reset(id_token)
-            tenant_id_var.reset(tenant_token)
-
-    async def _body(self, receive: Receive, announced: str | None,
-                    scope: Scope) -> ChatCompletionRequest:
-        """The request body, read within the size limit and validated."""
-        if announced is not None and announced.isdigit() and int(announced) > \
-                self.max_body_bytes:
-            raise RequestEntityTooLarge
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message: Any = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientException("client disconnected prematurely")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise RequestEntityTooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if not body.strip():
-            raise ClientException("the request body is empty: send a JSON chat completion "
-                                  "request")
-        raw = decode_json(body)  # as Litestar routes do, then the model's validation
-        try:
-            return ChatCompletionRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_failed("POST", scope["path"],
-                                    scope.get("query_string", b"").decode("latin-1"),
-                                    exc.errors(include_input=False)) from exc
-
-    @staticmethod
-    def _extra_headers(request_id: str, origin: str | None, scope: Scope, status: int,
-                       allowed_anywhere: bool) -> dict[str, str]:
-        """The request id, and for a browser page the CORS headers."""
-        extra = {"x-request-id": request_id}
-        if origin is not None:
-            extra["vary"] = "Origin"
-            if readable(origin, scope.get("user"), status, allowed_anywhere):
-                extra.update({k.lower(): v for k, v in cors_headers(origin).items()})
-        return extra
-
-
-def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    """The app's answer to ``exc``: its nearest handler in the exception map."""
-    handler = next(EXCEPTION_HANDLERS[cls] for cls in type(exc).__mro__
-                   if cls in EXCEPTION_HANDLERS)  # Exception's, at the latest
-    return handler(request, exc)
+            reset(call)
 
 
 async def _send_json(send: Send, response: Response[Any], extra: dict[str, str]) -> None:

@@ -23,6 +23,7 @@ from app.domain.search.schemas import RetrievedChunk
 from app.domain.search.service import SearchService
 from app.errors import IdempotencyConflictError, IdempotencyInProgressError
 from app.quotas.limiter import Claim, Limits, RateLimiter, period_of
+from app.quotas.scripts import BUDGET, IDEMPOTENCY
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer
 from tests.integration.test_quotas import body, chat_tenant
@@ -63,7 +64,7 @@ async def http(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
 async def budget_used(app: Litestar, tenant_id: str) -> int:
     await metering_done()
     limiter: RateLimiter = app.state.limiter
-    key = limiter.keys(uuid.UUID(tenant_id), "", period_of(datetime.now(UTC)))[6]
+    key = limiter.keys(uuid.UUID(tenant_id), "", period_of(datetime.now(UTC)))[BUDGET]
     async with aioredis.Redis.from_url(app.state.settings.redis.url) as r:
         return int(await r.hget(key, "used") or 0)
 
@@ -209,7 +210,7 @@ async def test_a_claim_lives_with_its_lease_then_keeps_the_answer_for_the_window
                               idempotency_window_s=3600)
         tenant, limits, claim = uuid.uuid4(), Limits(rpm=100), Claim("r-1", "hash-a")
         first = await limiter.admit(tenant, "", limits, 10, no_usage, claim)
-        record = first.keys[9]
+        record = first.keys[IDEMPOTENCY]
         assert first.claimed and 0 < await r.pttl(record) <= 30_000
         with pytest.raises(IdempotencyInProgressError):
             await limiter.admit(tenant, "", limits, 10, no_usage, claim)

@@ -19,7 +19,8 @@ import psycopg
 import pytest
 import redis
 
-from app.devstack.embedded import EmbeddedServiceError, EmbeddedStack, postgres_libpq_url
+from app.devstack.child_server import EmbeddedServiceError
+from app.devstack.embedded import EmbeddedStack, postgres_libpq_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

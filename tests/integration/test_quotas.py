@@ -20,6 +20,7 @@ from litestar.testing import AsyncTestClient
 
 from app.errors import RateLimitedError, ServiceUnavailableError
 from app.quotas.limiter import Limits, RateLimiter, period_of
+from app.quotas.scripts import BUDGET
 from app.settings import Settings
 from tests.fake_openai import FakeConfig, FakeServer, free_port
 from tests.support import (
@@ -89,7 +90,7 @@ async def budget_counter(app: Litestar, tenant_id: str) -> dict[bytes, bytes]:
     """The tenant's budget counter in Redis (read on this test's own connection)."""
     await metering_done()
     limiter: RateLimiter = app.state.limiter
-    key = limiter.keys(uuid.UUID(tenant_id), "", period_of(datetime.now(UTC)))[6]
+    key = limiter.keys(uuid.UUID(tenant_id), "", period_of(datetime.now(UTC)))[BUDGET]
     async with aioredis.Redis.from_url(app.state.settings.redis.url) as r:
         result = await r.hgetall(key)
     return {_b(k): _b(v) for k, v in result.items()}

@@ -15,7 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.errors import RateLimitedError
-from app.quotas.limiter import WINDOW_S, Limits, RateLimiter, Ticket
+from app.quotas.limiter import Limits, RateLimiter, Ticket
+from app.quotas.scripts import WINDOW_S
 from app.settings import Settings
 
 RPM, TPM = 12, 400

@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.errors import ServiceUnavailableError
 from app.quotas.limiter import Limits, RateLimiter
 from app.quotas.pipe import PipeOverloaded, RedisPipe
+from app.quotas.scripts import BUDGET
 from app.settings import Settings
 from tests.fake_openai import free_port
 from tests.faults import TcpProxy
@@ -196,5 +197,5 @@ async def test_admissions_through_the_pipe_survive_a_script_flush(
     assert second.headers["x-ratelimit-remaining-requests"] == "0"
     await limiter.settle(first, 4)
     await limiter.settle(second, 4)
-    assert await redis.hget(second.keys[6], "used") == b"8"
-    assert await redis.hget(second.keys[6], "reserved") == b"0"
+    assert await redis.hget(second.keys[BUDGET], "used") == b"8"
+    assert await redis.hget(second.keys[BUDGET], "reserved") == b"0"

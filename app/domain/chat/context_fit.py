@@ -22,7 +22,7 @@ from app.domain.chat.prompt import (
 from app.domain.chat.schemas import ChatCompletionRequest
 from app.errors import ContextLengthError
 from app.inference.dispatcher import Dispatcher
-from app.quotas.policy import effective_limit
+from app.quotas.policy import output_cap
 from app.settings import LlmSettings
 
 # Trimming scales one exact count by bytes: this much spare for text denser than the
@@ -34,7 +34,7 @@ def max_tokens(llm: LlmSettings, tenant: Tenant, req: ChatCompletionRequest) -> 
     """The answer's token limit: the caller's, else the default, within the tenant's
     output cap."""
     asked = req.max_completion_tokens or req.max_tokens or llm.default_max_tokens
-    cap = effective_limit(tenant, "max_output_tokens")
+    cap = output_cap(tenant)
     return min(asked, cap) if cap is not None else asked
 
 

@@ -58,7 +58,7 @@ from app.inference.dispatcher import (
 )
 from app.observability.metrics import ServiceMetrics
 from app.quotas.limiter import Claim, LeaseKeeper, Limits, RateLimiter, Ticket
-from app.quotas.policy import effective_limit
+from app.quotas.policy import limits_for
 from app.quotas.usage import UsageService
 from app.settings import ChatSettings, LlmSettings
 
@@ -156,12 +156,7 @@ class ChatService:
         round trip; 429 if refused). A client request id is looked up in the same
         script: its replay gets the stored result (``Ticket.replay``), another body or
         a first request still running 409. None: nothing to admit (no limits, no id)."""
-        limits = Limits(
-            rpm=effective_limit(tenant, "rpm_limit"), tpm=effective_limit(tenant, "tpm_limit"),
-            concurrency=effective_limit(tenant, "max_concurrency"),
-            user_rpm=tenant.user_rpm_limit, user_tpm=tenant.user_tpm_limit,
-            user_concurrency=tenant.user_max_concurrency,
-            budget=effective_limit(tenant, "monthly_token_budget"))
+        limits = limits_for(tenant)
         if self.limiter is None or (limits == Limits() and plan.claim is None):
             return None
         try:

@@ -25,11 +25,10 @@ from app.errors import (
     InvalidInputError,
     NotFoundError,
     PayloadTooLargeError,
-    QuotaExceededError,
     UnsupportedMediaError,
 )
 from app.outbox import DELETE_DOCUMENT_POINTS, INGEST_DOCUMENT, enqueue
-from app.quotas.policy import effective_limit
+from app.quotas.policy import check_storage
 from app.settings import IngestSettings
 from ingestion import (
     EmptyDocumentError,
@@ -212,18 +211,5 @@ async def _check_quotas(session: AsyncSession, tenant: Tenant, files: list[Check
     """Refuse the whole upload if it could push the tenant past a document or storage quota,
     or if its monthly embedding tokens are used up (the tenant row is locked, so
     concurrent uploads are counted one after another)."""
-    docs, used = (await session.exec(
-        select(func.count(), func.coalesce(func.sum(Document.size_bytes), 0))
-        .select_from(Document)
-    )).one()
-    checks = (("max_documents", docs, len(files), "documents"),
-              ("max_storage_bytes", int(used), sum(len(f.data) for f in files), "bytes"))
-    for quota, current, adding, unit in checks:
-        limit = effective_limit(tenant, quota)  # type: ignore[arg-type]
-        if limit is not None and current + adding > limit:
-            raise QuotaExceededError(
-                f"quota {quota} exceeded: {current} {unit} used + {adding} in this upload "
-                f"> limit {limit}",
-                quota=quota, limit=limit, used=current,
-            )
+    await check_storage(session, tenant, [len(f.data) for f in files])
     await embedding_quota.refuse_if_used_up(session, tenant)

@@ -43,6 +43,7 @@ class TenantQuotas(BaseModel):
     max_documents: Limit = None
     max_storage_bytes: BigLimit = None
     monthly_embedding_tokens: BigLimit = None
+    monthly_call_limit: BigLimit = None
 
 
 class TenantCreate(TenantQuotas):
