@@ -35,7 +35,13 @@ from app.settings import (
     WorkerSettings,
     as_asyncpg_url,
 )
-from tests.support import EMBEDDING_PRICES, PLATFORM_KEY, TEST_PEPPER, migrated_database
+from tests.support import (
+    EMBEDDING_PRICES,
+    PLATFORM_KEY,
+    TEST_PEPPER,
+    migrated_database,
+    watched,
+)
 from workers.embedded import embedded_workers
 
 pytest_plugins = ["tests.llm_server"]  # the session's vLLM server (started on first use)
@@ -104,7 +110,8 @@ def models() -> Models:
 @pytest.fixture(scope="session")
 def app(settings: Settings, models: Models) -> Litestar:
     """The API as users get it, with in-process worker threads (as in ``make run``)."""
-    return create_app(settings, extra_lifespans=[embedded_workers(settings)], models=models)
+    return watched(create_app(settings, extra_lifespans=[embedded_workers(settings)],
+                              models=models))
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.db.migrate import migrate
-from app.domain.chat.service import pending_wrap_ups
+from app.domain.chat.background import BackgroundWrites
 from app.inference.dispatcher import Dispatcher
 from app.inference.pools import PoolConfig, PoolsConfig
 from app.server.clients import cache_salt_key
@@ -182,11 +182,25 @@ async def served_over_http(app: Litestar,
         await asyncio.to_thread(running.result, 15)
 
 
+def watched(app: Litestar) -> Litestar:
+    """``app``, whose writes behind its answers :func:`metering_done` waits for."""
+    _WATCHED.append(app)
+    return app
+
+
+_WATCHED: list[Litestar] = []  # the test session's apps (conftest's ``app``)
+
+
+def _pending_writes(app: Litestar) -> int:
+    background: BackgroundWrites | None = app.state.get("background")
+    return background.pending if background is not None else 0
+
+
 async def metering_done(timeout_s: float = 10.0) -> None:
     """Wait until the app has written every pending usage event and conversation turn
     (they are written behind the answer)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while pending_wrap_ups():
+    while any(_pending_writes(app) for app in _WATCHED):
         assert asyncio.get_running_loop().time() < deadline, "metering did not finish"
         await asyncio.sleep(0.02)
 

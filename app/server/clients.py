@@ -24,6 +24,8 @@ from app.auth.authenticator import ApiKeyAuthenticator
 from app.auth.cache import CredentialCache, CredentialChangeListener, credential_owner
 from app.auth.embed import EmbedTokenSigner
 from app.db.engine import Database
+from app.domain.chat.background import BackgroundWrites
+from app.domain.chat.content import matching_threads
 from app.domain.chat.conversations import ConversationService
 from app.domain.chat.service import ChatService
 from app.domain.content_rules.service import ContentRulesService
@@ -97,10 +99,15 @@ async def open_clients(app: Litestar, settings: Settings, stack: AsyncExitStack,
     if dispatcher is not None:
         await dispatcher.start()
         stack.push_async_callback(dispatcher.close)
+    background = BackgroundWrites()  # chat's writes behind answers: at shutdown,
+    stack.push_async_callback(background.close)  # awaited before the rest closes
+    matching = matching_threads(settings.chat)  # content rules, all tenants
+    stack.callback(matching.shutdown)
     q = settings.quota
     app.state.update(
         db=db, redis=redis, vector_store=vector_store, models=loaded,
         dispatcher=dispatcher, metrics=_metrics(app, settings), usage_writer=usage_writer,
+        background=background, matching_threads=matching,
         limiter=RateLimiter(redis, namespace=f"{settings.worker.namespace}:q",
                             lease_ttl_s=q.lease_ttl_s, fail_open=q.fail_open,
                             scripts=scripts, idempotency_window_s=q.idempotency_window_s),
@@ -158,4 +165,5 @@ def build_chat(state: State) -> None:
     state.chat_service = ChatService(
         provide_search(state), ConversationService(state.db), state.dispatcher, settings.llm,
         settings.chat, UsageService(state.db, state.usage_writer), state.limiter,
-        state.metrics, ContentRulesService(state.db), tenants=TenantService(state.db))
+        state.background, state.matching_threads, state.metrics,
+        ContentRulesService(state.db), tenants=TenantService(state.db))

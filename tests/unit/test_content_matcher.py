@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app.domain.chat.content import AnswerFilter
+from app.domain.chat.content import AnswerFilter, matching_threads
 from app.domain.chat.schemas import Citation
 from app.domain.content_rules.matcher import (
     STREAM_WINDOW_CHARS,
@@ -22,6 +22,7 @@ from app.domain.content_rules.matcher import (
     first_hit,
     unsupported,
 )
+from app.settings import ChatSettings
 
 
 def test_terms_match_whole_words_whatever_the_case_and_are_named_as_written() -> None:
@@ -115,7 +116,9 @@ def test_a_spent_time_budget_fails_closed() -> None:
 async def test_long_inputs_and_slow_rules_are_matched_off_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    flt = AnswerFilter(rules=tuple(compile_rules(["Project Falcon"], [])), offload_chars=10)
+    pool = matching_threads(ChatSettings())  # as the app's lifespan makes it
+    flt = AnswerFilter(rules=tuple(compile_rules(["Project Falcon"], [])), offload_chars=10,
+                       pool=pool)
     ran: list[tuple[str, str]] = []  # (function, thread)
 
     def watched(fn: Any) -> Any:
@@ -136,8 +139,10 @@ async def test_long_inputs_and_slow_rules_are_matched_off_the_event_loop(
     # Rules that keep being slow are matched off the loop for every request after.
     for _ in range(3):
         flt.rules[0].cost.note(0.01, None)
-    again = AnswerFilter(rules=flt.rules, offload_chars=10, _guard=StreamGuard(flt.rules))
+    again = AnswerFilter(rules=flt.rules, offload_chars=10, _guard=StreamGuard(flt.rules),
+                         pool=pool)
     assert await again.check_input("short") is None
     assert await again.piece("fine ") == "fine "
     assert [name for name, _ in ran] == ["first_hit", "first_hit", "feed"]
     assert all(thread.startswith("content-rules") for _, thread in ran)
+    pool.shutdown()

@@ -1,7 +1,6 @@
 """The tenant's content rules applied to one chat request: its input checked before any
 work, its answer checked as it is generated (whole, or piece by piece as it streams),
 and the tenant's disclaimer added at the end.
-
 All matching of one request shares one time budget (``CHAT_CONTENT_RULES_BUDGET_MS``):
 once spent, the next check counts as a hit (fail closed). A text longer than
 ``CHAT_CONTENT_RULES_OFFLOAD_CHARS`` (the user's messages, a whole answer) is matched in
@@ -10,16 +9,17 @@ other tenant meanwhile. Shorter texts, citation snippets and stream pieces are m
 inline while that is cheap: a check goes on in a thread once it has run for
 :data:`INLINE_LIMIT_S`, and a tenant's rules that were once slow (a search over
 :data:`~app.domain.content_rules.matcher.SLOW_SEARCH_S`: an automaton RE2 cannot cache)
-are matched in a thread from then on, for every request.
+are matched in a thread from then on, for every request. Those threads are one pool for
+the process (:func:`matching_threads`), made and shut down by the app's lifespan and
+handed to each request's filter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -47,19 +47,21 @@ class AnswerFilter:
     budget: MatchBudget = field(default_factory=lambda: MatchBudget(
         ChatSettings.model_fields["content_rules_budget_ms"].default / 1000))
     offload_chars: int = ChatSettings.model_fields["content_rules_offload_chars"].default
-    threads: int = ChatSettings.model_fields["content_rules_threads"].default
+    pool: Executor | None = None  # the matching threads; None: the loop's default executor
     _guard: StreamGuard | None = field(default=None, repr=False)
     _offload: bool = field(default=False, repr=False)  # a check of this request ran long
 
     @classmethod
-    def of(cls, tenant: Tenant, chat: ChatSettings | None = None) -> AnswerFilter:
-        """The tenant's filter (a no-op when it sets no rules and no disclaimer)."""
+    def of(cls, tenant: Tenant, chat: ChatSettings | None = None,
+           pool: Executor | None = None) -> AnswerFilter:
+        """The tenant's filter (a no-op when it sets no rules and no disclaimer), its
+        long checks run on ``pool``."""
         chat = chat or ChatSettings()
         rules = rules_of(tenant)
         budget = MatchBudget(chat.content_rules_budget_ms / 1000)
         return cls(rules=rules, disclaimer=tenant.disclaimer or None, budget=budget,
                    offload_chars=chat.content_rules_offload_chars,
-                   threads=chat.content_rules_threads,
+                   pool=pool,
                    _guard=StreamGuard(rules, budget) if rules else None)
 
     async def check_input(self, text: str) -> str | None:
@@ -122,7 +124,7 @@ class AnswerFilter:
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
-            matching_threads(self.threads), fn, *args)
+            self.pool, fn, *args)
 
     def _off_loop(self) -> bool:
         """Whether this request's checks go to a thread: one of them ran long, or one
@@ -133,12 +135,13 @@ class AnswerFilter:
         return f"\n\n{self.disclaimer}" if self.disclaimer else ""
 
 
-@functools.cache
-def matching_threads(count: int) -> ThreadPoolExecutor:
-    """The process's threads for content matching (one pool per size; in practice one):
-    apart from the default executor, which embeds retrieval queries for every tenant, so
-    slow rules queue behind slow rules only, on at most ``count`` cores."""
-    return ThreadPoolExecutor(max_workers=count, thread_name_prefix="content-rules")
+def matching_threads(chat: ChatSettings) -> ThreadPoolExecutor:
+    """The process's threads for content matching (made once, by the app's lifespan,
+    which shuts them down): apart from the default executor, which embeds retrieval
+    queries for every tenant, so slow rules queue behind slow rules only, on at most
+    ``CHAT_CONTENT_RULES_THREADS`` cores."""
+    return ThreadPoolExecutor(max_workers=chat.content_rules_threads,
+                              thread_name_prefix="content-rules")
 
 
 def _cleared(cited: Citation) -> Citation:

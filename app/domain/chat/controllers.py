@@ -1,24 +1,32 @@
-"""``POST /v1/chat/completions`` (OpenAI wire format) and ``/v1/conversations``."""
+"""``POST /v1/chat/completions`` (OpenAI wire format) and ``/v1/conversations``: the
+HTTP side of chat only. A chat request is read here (its tenant, an embed token's end
+user and knowledge bases, its ``X-Request-Id``, a waiter for the client's disconnect),
+answered by :meth:`app.domain.chat.service.ChatService.answer`, and its reply wrapped as
+a Litestar ``Response`` or ``Stream``; app/server/fast_chat.py calls the same
+:func:`answer_chat`."""
 
 from __future__ import annotations
 
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
-from pydantic import BaseModel, ConfigDict
 
 from app.domain.chat.conversations import ConversationService
-from app.domain.chat.replay import StoredAnswer
-from app.domain.chat.schemas import ChatCompletionRequest
+from app.domain.chat.schemas import (
+    ChatCompletionRequest,
+    ConversationDetail,
+    ConversationOut,
+    ConversationPage,
+    MessageOut,
+)
 from app.domain.chat.service import ChatService
-from app.errors import BadRequestError, PermissionDeniedError, UpstreamError
+from app.errors import BadRequestError, PermissionDeniedError
 from app.http.cors import header_of
 from app.http.guards import chat_or_embed, chat_tenant_of, embed_of, tenant_row
 from app.http.openapi import also_answering, problems
@@ -52,48 +60,17 @@ async def chat_completions(
 
 async def answer_chat(request: AnyRequest, data: ChatCompletionRequest,
                       chat: ChatService) -> Response[Any]:
-    """The chat completion for an authenticated, authorized request: a JSON
-    ``Response`` or a ``Stream`` of server-sent events. Limits come before any work: a
-    refused request costs one Redis round trip."""
+    """The chat completion for an authenticated, authorized request: what the request
+    says (its tenant, an embed token's scope, its ``X-Request-Id``) read here, answered
+    by :meth:`ChatService.answer`, and its reply sent as a JSON ``Response`` or a
+    ``Stream`` of server-sent events."""
     tenant = tenant_row(request) or await chat.tenants.get_own(chat_tenant_of(request))
     data = _within_embed_scope(request, data)
-    plan = await chat.plan(tenant, data, _request_id(request), _scope_of(request))
-    # 429 here (rate limits, concurrency, budget), or 409 for a request id in use; a
-    # content-rule refusal below still counts as a request.
-    ticket = await chat.admit(tenant, data, plan)
-    if ticket is not None and ticket.replay is not None:
-        return _replayed(StoredAnswer.loads(ticket.replay), data)
-    prepared = await chat.prepare(tenant, data, plan, ticket)
-    if prepared.refused:  # the message breaks the tenant's content rules
-        if data.stream:
-            return Stream(chat.refusal_stream(tenant, prepared), media_type="text/event-stream")
-        return Response(chat.refusal(tenant, prepared))
-    await chat.start_conversation(tenant, prepared)
-    headers = prepared.ticket.headers if prepared.ticket else {}
-    gone = _disconnected(request)  # a request waiting for a slot leaves the queue
-    if data.stream:
-        # 502/504 here, not mid-stream
-        upstream = await chat.open_stream(tenant, prepared, gone)
-        return Stream(chat.stream(tenant, prepared, upstream), media_type="text/event-stream",
-                      headers={**_STREAM_HEADERS, **headers})
-    return Response(await chat.complete(tenant, prepared, gone), headers=headers)
-
-
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_REPLAYED = {"Idempotent-Replayed": "true"}
-
-
-def _replayed(stored: StoredAnswer, data: ChatCompletionRequest) -> Response[Any]:
-    """The first request's answer again (its X-Request-Id and body seen before)."""
-    if stored.error is not None and stored.response is None and not data.stream:
-        # Generated, then failed: the first request was answered with this error too.
-        raise UpstreamError(f"the first request with this X-Request-Id failed "
-                            f"({stored.error}); send a new id to ask again")
-    if data.stream:
-        include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(stored.as_events(include_usage), media_type="text/event-stream",
-                      headers={**_STREAM_HEADERS, **_REPLAYED})
-    return Response(stored.as_json(), headers=_REPLAYED)
+    reply = await chat.answer(tenant, data, _request_id(request), _scope_of(request),
+                              _disconnected(request))
+    if reply.events is not None:
+        return Stream(reply.events, media_type="text/event-stream", headers=reply.headers)
+    return Response(reply.json, headers=reply.headers)
 
 
 def _scope_of(request: AnyRequest) -> str:
@@ -150,45 +127,6 @@ def _disconnected(request: AnyRequest) -> Callable[[], Awaitable[None]]:
         while (await request.receive())["type"] != "http.disconnect":
             pass
     return wait
-
-
-class ConversationOut(BaseModel):
-    """A conversation without its messages."""
-
-    model_config = ConfigDict(from_attributes=True)
-
-    id: uuid.UUID
-    end_user: str
-    title: str
-    created_at: datetime
-    updated_at: datetime
-
-
-class MessageOut(BaseModel):
-    """One stored turn; assistant turns carry the citations they were given."""
-
-    model_config = ConfigDict(from_attributes=True)
-
-    role: str
-    content: str
-    citations: list[dict[str, Any]]
-    request_id: str | None
-    created_at: datetime
-
-
-class ConversationDetail(ConversationOut):
-    """A conversation with its messages, oldest first."""
-
-    messages: list[MessageOut]
-
-
-class ConversationPage(BaseModel):
-    """One page of conversations."""
-
-    data: list[ConversationOut]
-    total: int
-    limit: int
-    offset: int
 
 
 class ConversationController(Controller):

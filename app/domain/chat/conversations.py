@@ -1,5 +1,4 @@
 """Conversations: stored per tenant (row-level security) and per end user.
-
 A conversation belongs to one end user of one tenant (``end_user`` '' when the caller
 names none). Every read names the end user, and a conversation of another end user is
 reported as not found, exactly like another tenant's.

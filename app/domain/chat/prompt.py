@@ -1,6 +1,5 @@
 """Prompt assembly: platform rules, the tenant's prompt, retrieved passages fenced as
 untrusted data and numbered for citation, history, and the user's turn.
-
 Structure is ours alone. Passages sit between two markers carrying a random per-request
 nonce, so no text can forge the end of the fence, and chat-template control tokens
 (``<|im_start|>``, ``[INST]``...) in passages or caller messages are defused, so no

@@ -1,10 +1,10 @@
 """Idempotent chat requests: what identifies a request body, and the stored answer that
 a replay of its ``X-Request-Id`` gets instead of a second generation.
-
 The limiter claims the id in Redis with the admission and keeps the answer there once
 the request settles (app/quotas/limiter.py); this module only says what is stored and
 how a replay renders it: the same JSON for a whole answer, the same events for a stream
-(the answer in one content chunk, then the finish, the usage if asked, ``[DONE]``).
+(the answer in one content chunk, then the finish, the usage if asked, ``[DONE]``), with
+an ``Idempotent-Replayed`` header.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from app.domain.chat.answer import DONE, STREAM_HEADERS, ChatReply, sse
 from app.domain.chat.schemas import ChatCompletionRequest
+from app.errors import UpstreamError
+
+REPLAYED = {"Idempotent-Replayed": "true"}
 
 
 def request_hash(req: ChatCompletionRequest, scope: str) -> str:
@@ -65,20 +69,20 @@ class StoredAnswer:
     async def as_events(self, include_usage: bool) -> AsyncIterator[bytes]:
         """The answer as server-sent events, in the format of a live stream."""
         first = self._chunk({"role": "assistant", "content": ""})
-        yield _sse({**first, "citations": self.citations,
-                    "conversation_id": self.conversation_id})
+        yield sse({**first, "citations": self.citations,
+                   "conversation_id": self.conversation_id})
         whole = self.as_json()
         choice = (whole.get("choices") or [{}])[0]
         content = str((choice.get("message") or {}).get("content") or "")
         done = self._chunk({"content": content})
         done["choices"][0]["finish_reason"] = choice.get("finish_reason")
-        yield _sse(done)
+        yield sse(done)
         if self.error is not None:
-            yield _sse({"error": {"message": f"the answer ended early ({self.error})",
-                                  "type": self.error, "code": self.error}})
+            yield sse({"error": {"message": f"the answer ended early ({self.error})",
+                                 "type": self.error, "code": self.error}})
         elif include_usage and whole.get("usage") is not None:
-            yield _sse({**self._chunk({}), "choices": [], "usage": whole["usage"]})
-        yield b"data: [DONE]\n\n"
+            yield sse({**self._chunk({}), "choices": [], "usage": whole["usage"]})
+        yield DONE
 
     def _chunk(self, delta: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -87,5 +91,15 @@ class StoredAnswer:
                              "finish_reason": None}]}
 
 
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+def replayed(stored: StoredAnswer, req: ChatCompletionRequest) -> ChatReply:
+    """The first request's answer again (its X-Request-Id and body seen before)."""
+    if stored.error is not None and stored.response is None and not req.stream:
+        # Generated, then failed: the first request was answered with this error too.
+        raise UpstreamError(f"the first request with this X-Request-Id failed "
+                            f"({stored.error}); send a new id to ask again")
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return ChatReply(events=stored.as_events(include_usage),
+                         headers={**STREAM_HEADERS, **REPLAYED})
+    return ChatReply(json=stored.as_json(), headers=REPLAYED)

@@ -1,9 +1,11 @@
 """The chat wire format: OpenAI's ``/v1/chat/completions`` request, plus our extras
-(sent by OpenAI SDKs through ``extra_body``), and the citations we add to responses."""
+(sent by OpenAI SDKs through ``extra_body``), the citations we add to responses, and the
+``/v1/conversations`` responses (a conversation, its messages, a page of them)."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -129,3 +131,42 @@ class Citation(BaseModel):
     # The passage reads like instructions aimed at an AI: the model was told to treat it
     # as quoted data (docs/chat.md).
     suspected_instructions: bool = False
+
+
+class ConversationOut(BaseModel):
+    """A conversation without its messages."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    end_user: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessageOut(BaseModel):
+    """One stored turn; assistant turns carry the citations they were given."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    role: str
+    content: str
+    citations: list[dict[str, Any]]
+    request_id: str | None
+    created_at: datetime
+
+
+class ConversationDetail(ConversationOut):
+    """A conversation with its messages, oldest first."""
+
+    messages: list[MessageOut]
+
+
+class ConversationPage(BaseModel):
+    """One page of conversations."""
+
+    data: list[ConversationOut]
+    total: int
+    limit: int
+    offset: int

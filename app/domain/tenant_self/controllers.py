@@ -16,10 +16,9 @@ from pydantic import BaseModel, ConfigDict
 from app.auth.keys import Scope
 from app.auth.principal import TenantPrincipal
 from app.db.models import SystemMessagePolicy, SystemPromptVersion, Tenant, Tier
-from app.domain.chat.service import allowed_models
 from app.domain.tenants.prompts import PromptService
 from app.domain.tenants.schemas import SystemPrompt
-from app.domain.tenants.service import TenantService
+from app.domain.tenants.service import TenantService, allowed_models
 from app.http.guards import (
     actor_of,
     chat_or_embed,

@@ -118,3 +118,8 @@ class TenantService:
                 record_audit(session, tenant_id, actor, action, ("tenant", tenant_id),
                              {"changes": changed})
         return tenant
+
+
+def allowed_models(tenant: Tenant, served: list[str]) -> list[str]:
+    """Models this tenant may use: its own list, else every model the platform serves."""
+    return [m for m in tenant.allowed_models if m in served] if tenant.allowed_models else served
