@@ -209,7 +209,10 @@ async def metering_done(timeout_s: float = 10.0) -> None:
 async def concurrent_client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for many requests at once against the app served over HTTP (the
     test client runs one request at a time)."""
-    limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+    # Idle connections are dropped well before uvicorn closes them (its keep-alive is 5 s,
+    # httpx's default too): reusing one the server is closing that instant is a ReadError.
+    limits = httpx.Limits(max_connections=300, max_keepalive_connections=300,
+                          keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as c:
         yield c
 

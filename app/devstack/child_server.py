@@ -17,7 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from types import TracebackType
+from typing import Self, TypeVar
 
 import psutil
 
@@ -36,7 +37,8 @@ class EmbeddedServiceError(RuntimeError):
 
 
 class ChildServer:
-    """Lifecycle shared by the servers: folder lock, one child process, its URL."""
+    """Lifecycle shared by the servers: folder lock, one child process, its URL; a
+    context manager that starts the server and stops it."""
 
     name = "server"
     stop_signal = signal.SIGTERM
@@ -83,6 +85,18 @@ class ChildServer:
                 socket_dir.rmdir()  # the short fallback dir, empty once the server is gone
         self._child, self._socket_dir, self._url = None, None, None
         self._lock.release()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
     def _launch(self) -> str:
         """Start the child process under our lock, wait until it serves; return the URL."""

@@ -23,8 +23,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import httpx
 import psutil
@@ -129,18 +127,6 @@ class LocalVLLM(ChildServer):
         if self._child is None:
             raise LocalVLLMError("the local vLLM server is not started")
         return self._child.wait()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _argv(self, port: int) -> list[str]:
         """The server command, its environment set through env(1) (which execs: same pid)."""

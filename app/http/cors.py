@@ -84,12 +84,7 @@ class CorsMiddleware:
             await _preflight(send, origin, await allowed_origins_of(scope).contains(origin))
             return
 
-        # Errors (an expired token...) are readable by any allowed page: they carry no
-        # tenant's data, and the page must be able to show why. Errors raised before the
-        # route (authentication) are answered outside this middleware: problem() adds
-        # the headers from this variable (left set for it, as the request id is).
-        allowed_anywhere = await allowed_origins_of(scope).contains(origin)
-        error_origin_var.set(origin if allowed_anywhere else None)
+        allowed_anywhere = await note_origin(scope, origin)
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -101,6 +96,17 @@ class CorsMiddleware:
 
         await self.app(scope, receive, send_with_cors)
         error_origin_var.set(None)
+
+
+async def note_origin(scope: Scope, origin: str) -> bool:
+    """Does some tenant allow ``origin``? Errors (an expired token...) are readable by any
+    allowed page: they carry no tenant's data, and the page must be able to show why.
+    Errors raised before the route (authentication) are answered outside this middleware:
+    problem() adds the headers from ``error_origin_var``, set here (and left set for it,
+    as the request id is)."""
+    allowed_anywhere = await allowed_origins_of(scope).contains(origin)
+    error_origin_var.set(origin if allowed_anywhere else None)
+    return allowed_anywhere
 
 
 def readable(origin: str, user: Any, status: int, allowed_anywhere: bool) -> bool:

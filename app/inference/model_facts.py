@@ -96,5 +96,6 @@ class ModelFacts:
                         ask: Callable[[Upstream], Awaitable[int]]) -> int:
         count, lease, _ = await self._send(tenant, model, {}, cost, None,
                                            lambda upstream, _: ask(upstream))
+        lease.generation = False  # milliseconds: not what a replica's answers take
         lease.release(True)
         return count

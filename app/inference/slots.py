@@ -90,6 +90,9 @@ class Lease:
         self.share_start = share_start
         self.share_end: float | None = None
         self.released = False
+        # A generation's time feeds the replica's measured duration (least_latency);
+        # a /tokenize call's does not.
+        self.generation = True
 
     def release(self, ok: bool | None) -> None:
         """Give the slot back. ``ok``: the replica worked (True), failed (False), or
@@ -211,7 +214,8 @@ class SlotTable:
             replica.breaker.on_success()
             took = now - lease.started
             pool.mean_duration_s += 0.1 * (took - pool.mean_duration_s)
-            replica.observe_duration(took)
+            if lease.generation:
+                replica.observe_duration(took)
         elif ok is False and replica.breaker.on_failure(now):
             log.warning("circuit opened for replica %s of pool %s", replica.url, pool.name)
         elif ok is None:

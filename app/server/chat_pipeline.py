@@ -3,13 +3,14 @@
 ``POST /v1/chat/completions`` has two doors: Litestar's route (its middleware, then the
 route's guard, body and handler) and the fast door (app/server/fast_chat.py), which
 runs the same steps outside Litestar's layers because the chat path is the hot one.
-So that a cross-cutting change is made once, every step here is a plain function that
-the Litestar side calls too:
+So that a cross-cutting change is made once, each step here calls the same app/http
+functions as the Litestar side (the few lines composing them are written in both;
+tests/integration/test_fast_chat.py compares the two doors' answers, headers included):
 
 1. request id: :func:`app.http.request_context.request_id_from` (the
    ``RequestContextMiddleware``; the access log line and the echoed header at the end);
-2. CORS: :func:`app.http.cors.allowed_origins_of` and ``error_origin_var`` (the
-   ``CorsMiddleware``; its headers at the end by :func:`app.http.cors.readable`);
+2. CORS: :func:`app.http.cors.note_origin` (the ``CorsMiddleware``; its headers at the
+   end by :func:`app.http.cors.readable` and :func:`app.http.cors.cors_headers`);
 3. authenticate: :func:`app.http.auth.authenticate_bearer` (the ``ApiKeyMiddleware``);
 4. guard: :func:`app.http.guards.chat_or_embed` (the route's guard);
 5. read body: the size limit, :func:`app.http.bodies.decode_json` and the request
@@ -45,9 +46,9 @@ from app.http.auth import ApiKeyMiddleware, authenticate_bearer
 from app.http.bodies import decode_json
 from app.http.cors import (
     CorsMiddleware,
-    allowed_origins_of,
     cors_headers,
     error_origin_var,
+    note_origin,
     readable,
 )
 from app.http.guards import chat_or_embed
@@ -89,8 +90,7 @@ async def cors(call: ChatCall) -> None:
     """2. A browser page's origin: may any tenant's page read errors?"""
     call.origin = call.headers.get("origin")
     if call.origin is not None:
-        call.allowed_anywhere = await allowed_origins_of(call.scope).contains(call.origin)
-        error_origin_var.set(call.origin if call.allowed_anywhere else None)
+        call.allowed_anywhere = await note_origin(call.scope, call.origin)
 
 
 async def authenticate(call: ChatCall) -> None:

@@ -8,7 +8,6 @@ window limit as data alone."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
@@ -23,32 +22,16 @@ from app.errors import RateLimitedError
 from app.quotas.limiter import Limits, RateLimiter, period_of, seconds_to_next_period
 from app.quotas.scripts import PERIOD, Window
 from app.settings import Settings
-from tests.fake_openai import FakeConfig, FakeServer
+from tests.integration import test_chat_admission
 from tests.integration.test_quotas import body, chat_tenant
-from tests.support import concurrent_client, one_pool, routed_through, served_over_http
 
 Client = AsyncTestClient[Litestar]
+
+# The chat admission suite's fake upstream (6 completion tokens) and app over HTTP.
+fake = test_chat_admission.fake
+base_url = test_chat_admission.base_url
+http = test_chat_admission.http
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeServer]:
-    with FakeServer(FakeConfig(completion_tokens=6)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-async def base_url(app: Litestar, client: Client, settings: Settings,
-                   fake: FakeServer) -> AsyncIterator[str]:
-    async with routed_through(app, client, one_pool(fake.base_url, max_in_flight=1000),
-                              settings), served_over_http(app, client) as url:
-        yield url
-
-
-@pytest.fixture
-async def http(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with concurrent_client(base_url) as c:
-        yield c
 
 
 def calls_key(app: Litestar, tenant_id: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -14,14 +15,22 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from app.db.models import Tier
 from app.embeddings import Models
 from app.inference.pools import PoolsConfigError, Routing, parse_pools
-from app.inference.routing import REPLICA_POLICIES
+from app.inference.routing import REPLICA_POLICIES, TenantRoute
 from app.server.factory import create_app
 from app.settings import Settings
 from tests.fake_openai import FakeServer
 from tests.integration import test_dispatch as dispatch
-from tests.integration.test_dispatch import Fakes, Routed, Tenant, pool, tenant_favouring
+from tests.integration.test_dispatch import (
+    MODEL,
+    Fakes,
+    Routed,
+    Tenant,
+    pool,
+    tenant_favouring,
+)
 
 # The routing suite's fixtures: the app over real HTTP, fake servers, a dispatcher per test.
 base_url, http, fakes, routed = dispatch.base_url, dispatch.http, dispatch.fakes, dispatch.routed
@@ -74,6 +83,25 @@ async def test_the_default_keeps_the_tenants_affinity_replica(
     # Today's rule: 4 in flight of a cap of 32 is within the affinity headroom (0.25 of
     # the cap), so the tenant's favourite takes every request, slow or not.
     assert (slow.stats.requests, fast.stats.requests) == (40, 0)
+
+
+async def test_token_counts_do_not_make_a_slow_replica_look_fast(
+    client: Client, admin_headers: dict[str, str], routed: Routed, fakes: Fakes,
+    http: httpx.AsyncClient,
+) -> None:
+    # /tokenize answers in milliseconds on a replica whose answers take SLOW_S: only the
+    # answers may set what least_latency expects of it.
+    slow = fakes.new(ttft_s=SLOW_S)
+    d = await routed.use(pool("one", slow, routing="least_latency"))
+    tenant = await tenant_favouring(slow, d, client, http, admin_headers)
+    await rounds(tenant, n=2, at_once=2)
+    route = TenantRoute(id=tenant.id, slug=tenant.slug, tier=Tier(tenant.info["tier"]))
+    for _ in range(10):  # on the app's loop, where its dispatcher lives
+        ask = partial(d.count_text_tokens, route, MODEL, "how long is this")
+        count = await asyncio.to_thread(client.blocking_portal.call, ask)
+        assert count > 0
+    measured = d.pools[0].replicas[0].mean_duration_s
+    assert measured is not None and measured >= SLOW_S, measured
 
 
 def test_every_routing_value_has_a_policy_and_a_bad_one_is_refused() -> None:
