@@ -73,6 +73,14 @@ class TenantSuspendedError(PermissionDeniedError):
     title = "Tenant suspended"
 
 
+class CsrfError(PermissionDeniedError):
+    """A browser request the console refuses as possibly forged: another site's page
+    sent it, or it lacks the session's CSRF token."""
+
+    code = "csrf_failed"
+    title = "Cross-site request refused"
+
+
 class ServiceUnavailableError(DomainError):
     """A backing service (database, Redis, vector store) cannot be reached."""
 

@@ -308,6 +308,16 @@ class ChatSettings(BaseSettings):
     content_rules_threads: int = Field(default=2, ge=1, le=64)
 
 
+class ConsoleSettings(BaseSettings):
+    """The web console's sessions (app/auth/sessions.py, docs/console.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONSOLE_", extra="ignore")
+
+    session_idle_s: int = Field(default=1800, ge=30, le=86_400)  # unused this long: ended
+    session_max_s: int = Field(default=43_200, ge=60, le=30 * 86_400)  # then always ended
+    signin_per_minute: int = Field(default=10, ge=1, le=10_000)  # per client and key prefix
+
+
 class Settings(BaseSettings):
     """All settings; build once with :func:`load_settings` and pass it down."""
 
@@ -326,6 +336,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

@@ -12,7 +12,9 @@ holds at most that many connections and leaves the rest of the pool to the tenan
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -156,15 +158,36 @@ class ApiKeyAuthenticator:
             key, tenant = row
             self._check_usable(key, tenant)
             await self._touch(session, key)
-        return TenantPrincipal(
-            tenant_id=tenant.id,
-            tenant_slug=tenant.slug,
-            tier=tenant.tier,
-            key_id=key.id,
-            scopes=frozenset(Scope(s) for s in key.scopes),
-            tenant=tenant,
-            expires_at=key.expires_at,
-        )
+        return _tenant_principal(key, tenant)
+
+    async def recheck(self, key_id: uuid.UUID) -> TenantPrincipal:
+        """A tenant key's principal by the key's id, refused as :meth:`authenticate`
+        would refuse the key now (revoked, expired, tenant suspended). A console session
+        (app/auth/sessions.py) holds the key's id, never the key; cached and dropped on
+        the same notifications as keys, so a revoked key's sessions end within a second."""
+        principal = await self._cached(f"key-id:{key_id}", lambda: self._lookup_id(key_id))
+        assert isinstance(principal, TenantPrincipal)
+        return principal
+
+    async def _lookup_id(self, key_id: uuid.UUID) -> TenantPrincipal:
+        async with self.db.platform() as session:
+            query = (select(ApiKey, Tenant)
+                     .join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
+                     .where(col(ApiKey.id) == key_id))
+            row = (await session.exec(query)).first()
+            if row is None:
+                raise AuthenticationError("this API key no longer exists")
+            key, tenant = row
+            self._check_usable(key, tenant)
+            await self._touch(session, key)
+        return _tenant_principal(key, tenant)
+
+    def platform_fingerprint(self) -> str | None:
+        """A name for the operator key configured now (neither the key nor its stored
+        hash): an operator's console session records it, so a changed key ends them."""
+        if self._platform_hash is None:
+            return None
+        return hashlib.sha256(b"console:" + self._platform_hash.encode()).hexdigest()
 
     @staticmethod
     def _check_usable(key: ApiKey, tenant: Tenant) -> None:
@@ -185,6 +208,12 @@ class ApiKeyAuthenticator:
             return
         stmt = update(ApiKey).where(col(ApiKey.id) == key.id).values(last_used_at=now)
         await (await session.connection()).execute(stmt)
+
+
+def _tenant_principal(key: ApiKey, tenant: Tenant) -> TenantPrincipal:
+    return TenantPrincipal(tenant_id=tenant.id, tenant_slug=tenant.slug, tier=tenant.tier,
+                           key_id=key.id, scopes=frozenset(Scope(s) for s in key.scopes),
+                           tenant=tenant, expires_at=key.expires_at)
 
 
 def _as_refusal(exc: DomainError) -> DomainError:

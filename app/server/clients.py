@@ -20,9 +20,11 @@ import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.datastructures import State
 
+from app.auth.attempts import SignInAttempts
 from app.auth.authenticator import ApiKeyAuthenticator
 from app.auth.cache import CredentialCache, CredentialChangeListener, credential_owner
 from app.auth.embed import EmbedTokenSigner
+from app.auth.sessions import SessionStore
 from app.db.engine import Database
 from app.domain.chat.background import BackgroundWrites
 from app.domain.chat.content import matching_threads
@@ -113,6 +115,7 @@ async def open_clients(app: Litestar, settings: Settings, stack: AsyncExitStack,
                             scripts=scripts, idempotency_window_s=q.idempotency_window_s),
         reranker=reranker,
         **await _authentication(settings, db, stack),
+        **_console(settings, redis),
     )
     if dispatcher is not None:
         build_chat(app.state)
@@ -144,6 +147,14 @@ async def _authentication(settings: Settings, db: Database,
     )
     return {"authenticator": authenticator, "embed_signer": embed_signer,
             "allowed_origins": allowed_origins}
+
+
+def _console(settings: Settings, redis: aioredis.Redis) -> dict[str, Any]:
+    """The web console's session store and sign-in limiter, on the app's Redis."""
+    c, namespace = settings.console, settings.worker.namespace
+    return {"console_sessions": SessionStore(redis, namespace, c.session_idle_s,
+                                             c.session_max_s),
+            "signin_attempts": SignInAttempts(redis, namespace, c.signin_per_minute)}
 
 
 def _metrics(app: Litestar, settings: Settings) -> ServiceMetrics:

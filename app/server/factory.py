@@ -21,6 +21,7 @@ from app import observability
 from app.domain import (
     audit,
     chat,
+    console,
     content_rules,
     embed,
     keys,
@@ -42,6 +43,7 @@ from app.http.cors import CorsMiddleware
 from app.http.openapi import document_problems
 from app.http.problems import EXCEPTION_HANDLERS
 from app.http.request_context import request_middleware
+from app.http.sessions import COOKIE as CONSOLE_COOKIE
 from app.http.timestamps import UtcDateTimeSchema, decode_utc, is_utc_datetime
 from app.server.chat_pipeline import check_middleware
 from app.server.clients import build_chat, open_clients
@@ -54,7 +56,7 @@ Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
 # The areas whose routes and providers the app serves (each package's ROUTES and
 # DEPENDENCIES): a new area is one more entry here.
 AREAS: tuple[Any, ...] = (system, tenant_self, tenants, keys, knowledge, search, chat,
-                          pools, usage, observability, audit, embed, content_rules)
+                          pools, usage, observability, audit, embed, content_rules, console)
 
 
 def _lifespan(settings: Settings, extras: Sequence[Lifespan], models: Models | None) -> Lifespan:
@@ -138,6 +140,9 @@ def create_app(
         components=Components(security_schemes={
             "apiKey": SecurityScheme(type="http", scheme="bearer",
                                      description="A tenant key (trk_...) or the operator key"),
+            "consoleSession": SecurityScheme(type="apiKey", name=CONSOLE_COOKIE,
+                                             security_scheme_in="cookie",
+                                             description="A console session (/console)"),
         }),
         security=[{"apiKey": []}],
     )

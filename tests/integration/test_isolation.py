@@ -123,13 +123,16 @@ class RouteCall:
 
 
 def routes(app: Litestar) -> list[RouteCall]:
-    """Every method of every route but the public ones (health, docs) and /metrics
-    (its own scraper token; checked below)."""
+    """Every method of every route but the public ones (health, docs), /metrics (its
+    own scraper token; checked below) and the console's (a session cookie, not a key:
+    tests/integration/test_console_sessions.py)."""
     found = []
     for route in app.routes:
         if not isinstance(route, HTTPRoute) or _public(route.path_format):
             continue
         for handler in route.route_handlers:
+            if handler.opt.get("exclude_from_auth"):
+                continue
             for method in sorted(handler.http_methods - {"OPTIONS", "HEAD"}):
                 found.append(RouteCall(method, route.path_format,
                                        tuple(route.path_parameters)))
