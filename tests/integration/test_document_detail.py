@@ -210,3 +210,28 @@ async def test_other_tenants_and_other_scopes_cannot_read_it(
                                  headers=a.headers)).status_code == 404
         assert (await client.get(doc_url(a, doc["id"], what),
                                  headers=chat_only)).status_code == 403
+
+
+async def test_a_new_version_replaces_what_is_kept(
+    client: Client, admin_headers: dict[str, str]
+) -> None:
+    t = await new_tenant(client, admin_headers)
+    v1 = (await upload(t, client, [("hb.md", handbook())], external_id="hb")).json()["data"][0]
+    await wait_done(client, t, v1["id"])
+    url = doc_url(t, v1["id"], "chunks")
+    first = (await client.get(url, headers=t.headers, params={"limit": 2})).json()
+    assert first["version"] == 1 and first["next_cursor"]
+    new_text = handbook().replace(b"locker code", b"NEW locker code")
+    resp = await upload(t, client, [("hb.md", new_text)], external_id="hb")
+    assert resp.status_code == 202 and resp.json()["data"][0]["version"] == 2
+    doc = await wait_done(client, t, v1["id"])
+    assert doc["status"] == "ready" and doc["live_version"] == 2, doc
+    chunks = await all_chunks(client, t, v1["id"], limit=500)
+    assert all("room" not in c["text"] or "NEW locker" in c["text"] for c in chunks)
+    text = (await client.get(doc_url(t, v1["id"], "text"), headers=t.headers)).json()
+    assert text["version"] == 2 and text["text"] == parse_document(new_text, "markdown").text
+    # Only the live version is kept: the old one is gone, and so is a cursor through it.
+    resp = await client.get(url, headers=t.headers, params={"version": 1})
+    assert resp.status_code == 404, resp.text
+    resp = await client.get(url, headers=t.headers, params={"cursor": first["next_cursor"]})
+    assert resp.status_code == 409 and resp.json()["code"] == "cursor_expired", resp.text

@@ -199,4 +199,5 @@ async def _text_row_exists(session: AsyncSession, doc: Document, version: int) -
 def _not_kept(doc: Document, version: int) -> IndexedNotKeptError:
     return IndexedNotKeptError(
         f"version {version} of document {doc.id} was indexed before extracted text and "
-        "chunks were kept; upload a new version of it to see them")
+        "chunks were kept; delete it and upload it again to see them (the same bytes "
+        "again are a duplicate and are not processed)")
