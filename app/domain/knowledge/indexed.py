@@ -113,15 +113,12 @@ class IndexedService:
     async def chunks(self, tenant_id: uuid.UUID, kb_id: uuid.UUID, doc_id: uuid.UUID,
                      version: int | None, cursor: str | None, limit: int) -> ChunkPage:
         """One page of the version's chunks in order; ``next_cursor`` is None at the end."""
-        first = 0
-        if cursor is not None:
-            pinned, first = read_cursor(cursor)
-            if version is not None and version != pinned:
-                raise BadRequestError(f"the cursor pages through version {pinned}, "
-                                      f"not version {version}")
+        pinned, first = (None, 0) if cursor is None else read_cursor(cursor)
+        if pinned is not None and version is not None and version != pinned:
+            raise BadRequestError(f"the cursor pages through version {pinned}, "
+                                  f"not version {version}")
         async with self.db.tenant(tenant_id) as session:
-            doc, version = await _kept_version(session, kb_id, doc_id, version,
-                                               pinned if cursor is not None else None)
+            doc, version = await _kept_version(session, kb_id, doc_id, version, pinned)
             await _text_row_exists(session, doc, version)
             query = (select(DocumentChunk)
                      .where(col(DocumentChunk.document_id) == doc_id,
