@@ -3,7 +3,9 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-import app.db.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+# Imported for their side effect: they register the tables on SQLModel.metadata.
+import app.db.indexed
+import app.db.models  # noqa: F401
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=SQLModel.metadata, compare_type=True)

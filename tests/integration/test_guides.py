@@ -98,6 +98,7 @@ async def test_the_tenant_admin_guide_runs_top_to_bottom(
     out = result.stdout
     assert "ready\n" in out  # the upload was processed (the loop echoes its status)
     assert "Reset password" in out  # the search found the uploaded FAQ
+    assert "\nPassword reset\n" in out  # the FAQ's extracted text, sliced by offsets
     assert "user,requests" in out  # the CSV usage report's header
     assert "id,created_at,tenant_id,actor,action" in out  # the CSV audit log's header
     assert out.count(",key.revoked,api_key,") == 1  # the guide's revoke, in that CSV

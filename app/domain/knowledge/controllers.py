@@ -14,10 +14,13 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from app.auth.keys import Scope
 from app.db.models import DocumentStatus
 from app.domain.knowledge.document_service import DocumentService
+from app.domain.knowledge.indexed import CURSOR_PATTERN, IndexedService
 from app.domain.knowledge.kb_service import KnowledgeBaseService
 from app.domain.knowledge.schemas import (
+    ChunkPage,
     DocumentOut,
     DocumentPage,
+    DocumentTextOut,
     KnowledgeBaseCreate,
     KnowledgeBaseList,
     KnowledgeBaseOut,
@@ -34,6 +37,16 @@ AnyRequest = Request[Any, Any, Any]
 KB_WRITE = requires_scope(Scope.admin)
 KB_READ = requires_scope(Scope.admin, Scope.ingest, Scope.chat)
 DOCS = requires_scope(Scope.admin, Scope.ingest)
+Version = Annotated[int | None, QueryParameter(
+    ge=1, le=2**31 - 1, description="A stored version (default: the live one; only the "
+    "live version is kept)")]
+Cursor = Annotated[str | None, QueryParameter(
+    pattern=CURSOR_PATTERN, max_length=19,
+    description="`next_cursor` of the previous page, as returned")]
+CharOffset = Annotated[int, QueryParameter(ge=0, le=2**31 - 2,
+                                           description="First character (0-based)")]
+CharEnd = Annotated[int | None, QueryParameter(
+    ge=0, le=2**31 - 2, description="Character after the last (default: the text's end)")]
 
 
 class KnowledgeBaseController(Controller):
@@ -126,3 +139,31 @@ class KnowledgeBaseController(Controller):
         documents: NamedDependency[DocumentService],
     ) -> None:
         await documents.delete(tenant_of(request), kb_id, doc_id, actor_of(request))
+
+    @get("/{kb_id:uuid}/documents/{doc_id:uuid}/chunks", guards=[DOCS],
+         summary="List a document's chunks", responses=problems(409),
+         description="The chunks of the document's live version (or `version`) in order, "
+         "as they were embedded: text, character offsets into the extracted text "
+         "(`GET .../text`), page, heading path, token count and whether the chunk reads "
+         "like instructions to an AI. Paged: pass `next_cursor` back as `cursor`. 409 "
+         "(`document_not_ready`, with `document_status`) while nothing is indexed yet.")
+    async def list_chunks(
+        self, request: AnyRequest, kb_id: FromPath[uuid.UUID], doc_id: FromPath[uuid.UUID],
+        indexed: NamedDependency[IndexedService],
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 100,
+        cursor: Cursor = None, version: Version = None,
+    ) -> ChunkPage:
+        return await indexed.chunks(tenant_of(request), kb_id, doc_id, version, cursor, limit)
+
+    @get("/{kb_id:uuid}/documents/{doc_id:uuid}/text", guards=[DOCS],
+         summary="Get a document's extracted text", responses=problems(409),
+         description="The text extracted from the document's live version (or `version`): "
+         "chunk offsets point into it (`text[char_start:char_end]` is the chunk). "
+         "`start`/`end` return a slice of it, in characters. 409 "
+         "(`document_not_ready`, with `document_status`) while nothing is indexed yet.")
+    async def get_text(
+        self, request: AnyRequest, kb_id: FromPath[uuid.UUID], doc_id: FromPath[uuid.UUID],
+        indexed: NamedDependency[IndexedService], version: Version = None,
+        start: CharOffset = 0, end: CharEnd = None,
+    ) -> DocumentTextOut:
+        return await indexed.text(tenant_of(request), kb_id, doc_id, version, start, end)

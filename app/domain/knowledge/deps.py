@@ -7,6 +7,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from app.domain.knowledge.document_service import DocumentService
+from app.domain.knowledge.indexed import IndexedService
 from app.domain.knowledge.kb_service import KnowledgeBaseService
 
 
@@ -20,7 +21,13 @@ def provide_documents(state: State) -> DocumentService:
     return DocumentService(state.db, state.settings.ingest)
 
 
+def provide_indexed(state: State) -> IndexedService:
+    """What was indexed for a document: its extracted text and chunks."""
+    return IndexedService(state.db)
+
+
 DEPENDENCIES = {
     "kbs": Provide(provide_kbs, sync_to_thread=False),
     "documents": Provide(provide_documents, sync_to_thread=False),
+    "indexed": Provide(provide_indexed, sync_to_thread=False),
 }

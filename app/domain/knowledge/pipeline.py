@@ -1,8 +1,9 @@
 """The ingestion pipeline a worker runs for one document version.
 
 claim (queued -> processing) -> parse -> chunk -> embed -> upsert points with ids derived
-from (document, version, chunk index) -> publish: the new version becomes live in one
-transaction -> delete the older versions' points. Re-running any step is harmless: the
+from (document, version, chunk index) -> publish: the new version becomes live, with its
+extracted text and chunks kept for inspection (`indexed.py`), in one transaction ->
+delete the older versions' points. Re-running any step is harmless: the
 point ids are deterministic and publish checks that this version is still the newest.
 """
 
@@ -22,7 +23,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.db.engine import Database
 from app.db.models import Document, DocumentContent, DocumentStatus, Tenant, UsageEvent, utcnow
-from app.domain.knowledge import embedding_quota, unsettled
+from app.domain.knowledge import embedding_quota, indexed, unsettled
+from app.domain.knowledge.indexed import Extracted
 from app.embeddings import Models
 from app.outbox import DELETE_STALE_VERSIONS, enqueue
 from app.quotas.costs import ModelPrice, token_cost
@@ -127,10 +129,11 @@ class IngestPipeline:
             return
         doc = claimed.document
         try:
-            chunks = await asyncio.to_thread(self._chunk, claimed.data, doc.format)
+            extracted = await asyncio.to_thread(self._chunk, claimed.data, doc.format)
         except IngestionError as exc:
             await self.fail(tenant_id, document_id, version, f"{type(exc).__name__}: {exc}")
             return
+        chunks = extracted.chunks
         refusal = await self._over_quota(claimed, chunks)
         if refusal is not None:
             await self.fail(tenant_id, document_id, version, refusal)
@@ -148,8 +151,7 @@ class IngestPipeline:
                 done_embedding()
             await self.store.upsert(tenant_id, points)
             await self._progress(tenant_id, doc, chunks_embedded=start + len(batch))
-        if not await self.publish(tenant_id, document_id, version, len(chunks),
-                                  sum(c.token_count for c in chunks)):
+        if not await self.publish(tenant_id, document_id, version, extracted):
             # Deleted or superseded while we worked: no reader can match these points.
             await self.store.delete(tenant_id, PointFilter(document_id=document_id,
                                                            version=version))
@@ -207,18 +209,21 @@ class IngestPipeline:
             await (await session.connection()).execute(stmt)
 
     async def publish(
-        self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int, chunk_count: int,
-        embedding_tokens: int = 0,
+        self, tenant_id: uuid.UUID, document_id: uuid.UUID, version: int, extracted: Extracted,
     ) -> bool:
-        """Make ``version`` the live one atomically and queue the older versions' points
-        for deletion after a grace period; False if this version is no longer wanted.
+        """Make ``version`` the live one atomically, keep its extracted text and chunks
+        in place of the older version's, and queue the older versions' points for
+        deletion after a grace period; False if this version is no longer wanted.
         The version's embedding tokens are metered in the same transaction, once (its
         request id is the version's)."""
+        chunk_count = len(extracted.chunks)
+        rows = await asyncio.to_thread(indexed.chunk_rows, tenant_id, document_id, version,
+                                       extracted.chunks)
         async with self.db.tenant(tenant_id) as session:
             doc = await _newest(session, document_id, version)
             if doc is None:
                 return False
-            await add_event(session, self._embedding_event(doc, embedding_tokens))
+            await add_event(session, self._embedding_event(doc, extracted.tokens))
             first_stale = doc.live_version or 1
             doc.live_version, doc.chunk_count = version, chunk_count
             doc.chunks_embedded = chunk_count
@@ -226,6 +231,7 @@ class IngestPipeline:
             doc.error, doc.ready_at = None, utcnow()
             doc.updated_at = doc.ready_at
             session.add(doc)
+            await indexed.keep(session, doc, extracted.text, rows)
             await (await session.connection()).execute(delete(DocumentContent).where(
                 col(DocumentContent.document_id) == document_id,
                 col(DocumentContent.version) < version,
@@ -297,9 +303,10 @@ class IngestPipeline:
             latency_ms=max(0.0, (utcnow() - started).total_seconds() * 1000),
             cost_usd=token_cost(self.prices.get(model), tokens, 0))
 
-    def _chunk(self, data: bytes, fmt: str) -> list[Chunk]:
+    def _chunk(self, data: bytes, fmt: str) -> Extracted:
         parsed = self.parser.parse(data, fmt)  # type: ignore[arg-type]
-        return chunk_document(parsed, self.models.counter, self.chunking)
+        return Extracted(parsed.text,
+                         chunk_document(parsed, self.models.counter, self.chunking))
 
     def _points(self, doc: Document, chunks: list[Chunk]) -> list[ChunkPoint]:
         texts = [c.text for c in chunks]

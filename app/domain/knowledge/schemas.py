@@ -116,3 +116,46 @@ class DocumentPage(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class ChunkOut(BaseModel):
+    """One chunk as it was embedded: ``text == extracted_text[char_start:char_end]``.
+    A chunk never crosses a page or a heading change, so it has one page (PDF only)
+    and one heading path (outermost first)."""
+
+    chunk_index: int
+    text: str
+    char_start: int
+    char_end: int
+    page: int | None
+    heading_path: list[str]
+    token_count: int
+    # The chunk reads like instructions aimed at an AI (docs/ingestion.md): the whole
+    # chunk [char_start, char_end) is the flagged passage; search and chat label it too.
+    suspected_instructions: bool
+    instruction_reasons: list[str]
+
+
+class ChunkPage(BaseModel):
+    """One page of a document version's chunks, in order; pass ``next_cursor`` back as
+    ``cursor`` for the next page (None: this was the last)."""
+
+    document_id: uuid.UUID
+    version: int
+    chunk_count: int
+    limit: int
+    next_cursor: str | None
+    data: list[ChunkOut]
+
+
+class DocumentTextOut(BaseModel):
+    """A document version's extracted text (or its ``[start, end)`` characters): the
+    text that chunk offsets point into. ``length`` is the whole text's, in characters."""
+
+    document_id: uuid.UUID
+    version: int
+    format: str
+    length: int
+    start: int
+    end: int
+    text: str
