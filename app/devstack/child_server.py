@@ -36,7 +36,32 @@ class EmbeddedServiceError(RuntimeError):
     """An embedded server could not be started, or its folder is in use."""
 
 
-class ChildServer:
+class StartedWhileUsed:
+    """A context manager over ``start()`` and ``stop()``: ``with`` starts, leaving stops
+    (the servers here, and the embedded stack of two)."""
+
+    def start(self) -> object:
+        """Start (idempotent)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop (idempotent)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ChildServer(StartedWhileUsed):
     """Lifecycle shared by the servers: folder lock, one child process, its URL; a
     context manager that starts the server and stops it."""
 
@@ -85,18 +110,6 @@ class ChildServer:
                 socket_dir.rmdir()  # the short fallback dir, empty once the server is gone
         self._child, self._socket_dir, self._url = None, None, None
         self._lock.release()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _launch(self) -> str:
         """Start the child process under our lock, wait until it serves; return the URL."""

